@@ -51,8 +51,9 @@ class MicroBatcher(Generic[T]):
 
     def observe(self, record: SourceRecord) -> None:
         """Mark ``record`` as read; once nothing older in its partition is pending, it is covered."""
-        parts = self._seen.setdefault(record.topic, {})
-        parts[record.partition] = max(parts.get(record.partition, 0), record.next_offset)
+        stream, partition = record.position
+        parts = self._seen.setdefault(stream, {})
+        parts[partition] = max(parts.get(partition, 0), record.next_offset)
 
     def add(self, item: T, key: str, record: SourceRecord) -> None:
         """Queue ``item`` (identified by ``key``, e.g. its edit id) read from ``record``."""
@@ -92,8 +93,7 @@ class MicroBatcher(Generic[T]):
         """Positions before which every observed record is done (see module docstring)."""
         oldest_pending: dict[tuple[str, str], int] = {}
         for entry in self._queue:
-            where = (entry.record.topic, entry.record.partition)
-            oldest_pending.setdefault(where, entry.record.offset)
+            oldest_pending.setdefault(entry.record.position, entry.record.offset)
         covered: Offsets = {}
         for topic, parts in self._seen.items():
             for partition, next_offset in parts.items():

@@ -5,7 +5,7 @@ Layout::
     <spool>/*.jsonl            edit events, one JSON object per line; files are read in name order
     <spool>/control/*.jsonl    control events (pause / resume / rollback / retract)
 
-A position is (file, byte offset of the next unread line): ``{topic: {file name: offset}}``. A
+A position is (file, byte offset of the next unread line): ``{"<topic>/<file name>": {"0": offset}}``. A
 line without its trailing newline is not read yet (a writer may still be appending it). The
 spool directory is never written to, so a sample stream can live read-only in the repository;
 commits go to ``state_path`` (temp file + fsync + rename, so a crash leaves the old or the new
@@ -44,7 +44,7 @@ class SpoolSource:
         self.state_path = Path(state_path)
         self.edits_topic = edits_topic
         self.control_topic = control_topic
-        self._positions: Offsets = {edits_topic: {}, control_topic: {}}
+        self._positions: dict[str, int] = {}  # "<topic>/<file name>" -> next byte offset
         self._paused = False
         self._at_end = False
 
@@ -56,11 +56,11 @@ class SpoolSource:
 
     def _read(self, topic: str, budget: int) -> list[SourceRecord]:
         records: list[SourceRecord] = []
-        positions = self._positions[topic]
         for path in self._files(topic):
             if len(records) >= budget:
                 break
-            start = positions.get(path.name, 0)
+            stream = f"{topic}/{path.name}"
+            start = self._positions.get(stream, 0)
             if path.stat().st_size <= start:
                 continue
             with path.open("rb") as handle:
@@ -75,16 +75,17 @@ class SpoolSource:
                         records.append(
                             SourceRecord(
                                 topic=topic,
-                                partition=path.name,
+                                partition="0",
                                 offset=offset,
                                 key=None,
                                 value=value,
                                 timestamp_ms=int(time.time() * 1000),
                                 next_offset=offset + len(line),
+                                stream=stream,
                             )
                         )
                     offset += len(line)
-                positions[path.name] = offset
+                self._positions[stream] = offset
         return records
 
     def poll(self, timeout_s: float, max_records: int) -> list[SourceRecord]:
@@ -122,10 +123,10 @@ class SpoolSource:
 
     def seek(self, offsets: Offsets) -> None:
         """Read next from ``offsets`` (files not named are read from their start)."""
-        self._positions = {self.edits_topic: {}, self.control_topic: {}}
-        for topic, parts in offsets.items():
-            if topic in self._positions:
-                self._positions[topic] = {name: int(offset) for name, offset in parts.items()}
+        prefixes = (f"{self.edits_topic}/", f"{self.control_topic}/")
+        self._positions = {
+            stream: int(parts.get("0", 0)) for stream, parts in offsets.items() if stream.startswith(prefixes)
+        }
 
     def pause(self) -> None:
         """Stop reading edit files (control files are still read)."""

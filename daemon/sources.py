@@ -1,8 +1,9 @@
 """Event sources: where edit and control events come from (Kafka, or a local spool directory).
 
 Both implementations speak in *positions*: ``Offsets`` maps a topic to ``{partition: next offset}``
-(partition keys are strings so the map round-trips through JSON manifests unchanged; a Kafka
-partition is ``"0"``, a spool partition is a file name). A manifest records the positions its
+(partition keys are decimal strings so the map round-trips through JSON manifests unchanged). For
+Kafka the key is the topic; for the spool it is ``"<topic>/<file name>"`` with the single partition
+``"0"`` (schemas/manifest.v1.json: "topic or spool file"). A manifest records the positions its
 version covers, and on start the worker seeks the source there (DESIGN.md invariant 1).
 """
 
@@ -25,6 +26,12 @@ class SourceRecord:
     value: bytes
     timestamp_ms: int
     next_offset: int  # the position right after this record (Kafka: offset + 1; spool: end of line)
+    stream: str = ""  # the Offsets key when it differs from the topic (spool: "<topic>/<file>")
+
+    @property
+    def position(self) -> tuple[str, str]:
+        """(Offsets key, partition) of this record."""
+        return (self.stream or self.topic, self.partition)
 
 
 class EventSource(Protocol):

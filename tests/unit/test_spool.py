@@ -24,7 +24,11 @@ def test_reads_files_in_name_order_with_byte_positions(tmp_path: Path) -> None:
     source = SpoolSource(spool, tmp_path / "state.json")
     records = source.poll(0, 10)
     assert [json.loads(r.value)["n"] for r in records] == [1, 2, 3]
-    assert [(r.partition, r.offset) for r in records] == [("a.jsonl", 0), ("a.jsonl", 9), ("b.jsonl", 0)]
+    assert [(r.position, r.offset) for r in records] == [
+        (("melo.edits/a.jsonl", "0"), 0),
+        (("melo.edits/a.jsonl", "0"), 9),
+        (("melo.edits/b.jsonl", "0"), 0),
+    ]
     assert records[1].next_offset == (spool / "a.jsonl").stat().st_size
     assert source.poll(0, 10) == [] and source.at_end()
 
@@ -46,7 +50,7 @@ def test_seek_resumes_from_a_recorded_position(tmp_path: Path) -> None:
     write_lines(spool / "a.jsonl", [{"n": i} for i in range(5)])
     first = SpoolSource(spool, tmp_path / "state.json")
     records = first.poll(0, 2)
-    position = {"melo.edits": {"a.jsonl": records[-1].next_offset}}
+    position = {"melo.edits/a.jsonl": {"0": records[-1].next_offset}}
     second = SpoolSource(spool, tmp_path / "state.json")
     second.seek(position)
     assert [json.loads(r.value)["n"] for r in second.poll(0, 10)] == [2, 3, 4]
@@ -69,8 +73,8 @@ def test_commit_persists_offsets_for_a_new_source(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
     state = tmp_path / "state" / "offsets.json"
-    SpoolSource(spool, state).commit({"melo.edits": {"a.jsonl": 42}})
-    assert SpoolSource(spool, state).committed() == {"melo.edits": {"a.jsonl": 42}}
+    SpoolSource(spool, state).commit({"melo.edits/a.jsonl": {"0": 42}})
+    assert SpoolSource(spool, state).committed() == {"melo.edits/a.jsonl": {"0": 42}}
     assert not list(state.parent.glob("*.tmp"))
 
 
