@@ -1,0 +1,69 @@
+"""The LoRA and GRACE baselines edit tiny models the way their papers describe."""
+
+import pytest
+import torch
+
+from bench import lm
+from bench.baselines.grace import GraceCodebook
+from bench.baselines.lora import SequentialLora
+from bench.datasets import EditCase
+from melo_runtime.tiny import tiny_model
+
+EDITS = [EditCase("a", "Q: capital of France? A:", " Paris"), EditCase("b", "Q: who wrote Hamlet? A:", " Shakespeare")]
+
+
+def _prompts_targets(cases):
+    return [c.prompt for c in cases], [c.target for c in cases]
+
+
+def test_encode_pairs_labels_only_target_tokens_and_marks_the_last_prompt_token():
+    _, tokenizer = tiny_model("llama")
+    batch = lm.encode_pairs(tokenizer, ["ab", "abcd"], [" x", " yz"])
+    assert batch.key_positions.tolist() == [1, 3]
+    assert (batch.labels[0] != -100).sum() == 2 and (batch.labels[1] != -100).sum() == 3
+    assert batch.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0]
+
+
+def test_sequential_lora_learns_a_batch_and_changes_unrelated_outputs_too():
+    model, tokenizer = tiny_model("gpt2")  # Conv1D path
+    lora = SequentialLora(model, tokenizer, "generate", ["transformer.h.4.mlp.c_proj", "transformer.h.5.mlp.c_proj"])
+    prompts, targets = _prompts_targets(EDITS)
+    before = sum(lora.score(prompts, targets))
+    unrelated = ["Q: an unrelated question? A:"]
+    base_logits = lora.pair_logits(lm.encode_pairs(tokenizer, unrelated, [" no"]))
+    lora.apply_batch(EDITS)
+    assert sum(lora.score(prompts, targets)) > before + 0.5
+    # No routing: the single adapter is active for every input.
+    assert not torch.equal(lora.pair_logits(lm.encode_pairs(tokenizer, unrelated, [" no"])), base_logits)
+
+
+def test_grace_defers_only_inside_epsilon_and_leaves_far_inputs_bit_identical():
+    model, tokenizer = tiny_model("llama")
+    grace = GraceCodebook(model, tokenizer, "generate", "model.layers.3.mlp.down_proj", eps=1e-3, iterations=20)
+    edit = EditCase("a", "Q: capital of France? A:", " Paris")
+    far = lm.encode_pairs(tokenizer, ["Zzz zzz zzz zzz"], [" no"])
+    base_far = grace.pair_logits(far)
+    base_loss = float(grace.edit_loss([edit.prompt], [edit.target]))
+    grace.apply_batch([edit])
+    assert float(grace.edit_loss([edit.prompt], [edit.target])) < base_loss
+    assert torch.equal(grace.pair_logits(far), base_far)
+    assert grace.stats() == {"clusters": 1, "conflicts": 0, "forgotten": 0}
+
+
+def test_grace_splits_radii_when_a_close_key_has_a_different_label():
+    model, tokenizer = tiny_model("llama")
+    grace = GraceCodebook(model, tokenizer, "generate", "model.layers.3.mlp.down_proj", eps=100.0, iterations=1)
+    grace.apply_batch([EditCase("a", "Q: capital of France? A:", " Paris")])
+    grace.apply_batch([EditCase("b", "Q: capital of Spain? A:", " Madrid")])
+    distance = float(torch.dist(grace.keys[0], grace.keys[1]))
+    assert grace.stats()["conflicts"] == 1
+    assert grace.epsilons[1] == pytest.approx(distance / 2, rel=1e-4)
+    assert grace.epsilons[0] == pytest.approx(distance / 2 - 1e-5, rel=1e-4)
+
+
+def test_grace_expands_the_radius_for_a_close_key_with_the_same_label():
+    model, tokenizer = tiny_model("llama")
+    grace = GraceCodebook(model, tokenizer, "generate", "model.layers.3.mlp.down_proj", eps=100.0, iterations=1)
+    grace.apply_batch([EditCase("a", "Q: capital of France? A:", " Paris")])
+    grace.apply_batch([EditCase("b", "Q: France's capital? A:", " paris")])
+    assert grace.stats() == {"clusters": 1, "conflicts": 0, "forgotten": 0}
