@@ -1,9 +1,9 @@
 """Spool source: a directory of JSONL files, the embedded default when no Kafka is configured.
 
-Layout::
+Layout (sub-directories are named after the Kafka topics, settings.kafka.topics)::
 
-    <spool>/*.jsonl            edit events, one JSON object per line; files are read in name order
-    <spool>/control/*.jsonl    control events (pause / resume / rollback / retract)
+    <spool>/melo.edits/*.jsonl     edit events, one JSON object per line; files are read in name order
+    <spool>/melo.control/*.jsonl   control events (pause / resume / rollback / retract)
 
 A position is (file, byte offset of the next unread line): ``{"<topic>/<file name>": {"0": offset}}``. A
 line without its trailing newline is not read yet (a writer may still be appending it). The
@@ -39,7 +39,7 @@ class SpoolSource:
         if not self.spool_dir.is_dir():
             raise FileNotFoundError(
                 f"spool directory {self.spool_dir} does not exist: create it or point settings.spool_dir "
-                "at a directory of *.jsonl edit files"
+                f"at a directory holding {edits_topic}/*.jsonl edit files"
             )
         self.state_path = Path(state_path)
         self.edits_topic = edits_topic
@@ -49,7 +49,7 @@ class SpoolSource:
         self._at_end = False
 
     def _files(self, topic: str) -> list[Path]:
-        folder = self.spool_dir / "control" if topic == self.control_topic else self.spool_dir
+        folder = self.spool_dir / topic
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.glob("*.jsonl") if p.is_file())
@@ -99,6 +99,9 @@ class SpoolSource:
             if records or time.monotonic() >= deadline:
                 return records
             time.sleep(min(_IDLE_STEP_S, max(deadline - time.monotonic(), 0.0)))
+
+    def keepalive(self, timeout_s: float) -> None:
+        """A spool has no membership to keep: nothing to do."""
 
     def commit(self, offsets: Offsets) -> None:
         """Persist ``offsets`` atomically to the state file."""

@@ -47,6 +47,11 @@ class EventSource(Protocol):
         """
         ...
 
+    def keepalive(self, timeout_s: float) -> None:
+        """Stay a live member of the source (Kafka: group heartbeats and the max-poll clock) while a
+        block trains, without delivering any record."""
+        ...
+
     def commit(self, offsets: Offsets) -> None:
         """Durably record that everything before ``offsets`` is done (published or dead-lettered)."""
         ...

@@ -1,4 +1,4 @@
-"""Regenerate examples/stream/zsre-300.jsonl: the first 300 zsRE facts as melo edit events.
+"""Regenerate examples/stream/melo.edits/zsre-300.jsonl: the first 300 zsRE facts as melo edit events.
 
 Source: ../shared/data/zsre/zsre_mend_train-1k.json (ROME's zsre_mend_train subset; provenance in
 that folder's PROVENANCE.md; research use). Mapping, as GRACE/MELO use zsRE: prompt = ``src``,
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--model", default="zsre-demo")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "stream" / "zsre-300.jsonl")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "stream" / "melo.edits" / "zsre-300.jsonl")
     args = parser.parse_args()
     records = json.loads(args.data.read_text(encoding="utf-8"))[: args.count]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ def write_lines(path: Path, values: list[dict], *, trailing_newline: bool = True
 
 def test_reads_files_in_name_order_with_byte_positions(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    spool.mkdir()
-    write_lines(spool / "b.jsonl", [{"n": 3}])
-    write_lines(spool / "a.jsonl", [{"n": 1}, {"n": 2}])
+    (spool / "melo.edits").mkdir(parents=True)
+    write_lines(spool / "melo.edits" / "b.jsonl", [{"n": 3}])
+    write_lines(spool / "melo.edits" / "a.jsonl", [{"n": 1}, {"n": 2}])
     source = SpoolSource(spool, tmp_path / "state.json")
     records = source.poll(0, 10)
     assert [json.loads(r.value)["n"] for r in records] == [1, 2, 3]
@@ -29,25 +29,25 @@ def test_reads_files_in_name_order_with_byte_positions(tmp_path: Path) -> None:
         (("melo.edits/a.jsonl", "0"), 9),
         (("melo.edits/b.jsonl", "0"), 0),
     ]
-    assert records[1].next_offset == (spool / "a.jsonl").stat().st_size
+    assert records[1].next_offset == (spool / "melo.edits" / "a.jsonl").stat().st_size
     assert source.poll(0, 10) == [] and source.at_end()
 
 
 def test_line_without_newline_is_read_only_once_complete(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    spool.mkdir()
-    write_lines(spool / "a.jsonl", [{"n": 1}, {"n": 2}], trailing_newline=False)
+    (spool / "melo.edits").mkdir(parents=True)
+    write_lines(spool / "melo.edits" / "a.jsonl", [{"n": 1}, {"n": 2}], trailing_newline=False)
     source = SpoolSource(spool, tmp_path / "state.json")
     assert [json.loads(r.value)["n"] for r in source.poll(0, 10)] == [1]
-    with (spool / "a.jsonl").open("a", encoding="utf-8") as handle:
+    with (spool / "melo.edits" / "a.jsonl").open("a", encoding="utf-8") as handle:
         handle.write("\n")
     assert [json.loads(r.value)["n"] for r in source.poll(0, 10)] == [2]
 
 
 def test_seek_resumes_from_a_recorded_position(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    spool.mkdir()
-    write_lines(spool / "a.jsonl", [{"n": i} for i in range(5)])
+    (spool / "melo.edits").mkdir(parents=True)
+    write_lines(spool / "melo.edits" / "a.jsonl", [{"n": i} for i in range(5)])
     first = SpoolSource(spool, tmp_path / "state.json")
     records = first.poll(0, 2)
     position = {"melo.edits/a.jsonl": {"0": records[-1].next_offset}}
@@ -58,9 +58,10 @@ def test_seek_resumes_from_a_recorded_position(tmp_path: Path) -> None:
 
 def test_pause_holds_edits_but_control_still_flows(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    (spool / "control").mkdir(parents=True)
-    write_lines(spool / "a.jsonl", [{"n": 1}])
-    write_lines(spool / "control" / "c.jsonl", [{"type": "resume"}])
+    (spool / "melo.edits").mkdir(parents=True)
+    (spool / "melo.control").mkdir(parents=True)
+    write_lines(spool / "melo.edits" / "a.jsonl", [{"n": 1}])
+    write_lines(spool / "melo.control" / "c.jsonl", [{"type": "resume"}])
     source = SpoolSource(spool, tmp_path / "state.json")
     source.pause()
     records = source.poll(0, 10)
@@ -71,7 +72,7 @@ def test_pause_holds_edits_but_control_still_flows(tmp_path: Path) -> None:
 
 def test_commit_persists_offsets_for_a_new_source(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    spool.mkdir()
+    (spool / "melo.edits").mkdir(parents=True)
     state = tmp_path / "state" / "offsets.json"
     SpoolSource(spool, state).commit({"melo.edits/a.jsonl": {"0": 42}})
     assert SpoolSource(spool, state).committed() == {"melo.edits/a.jsonl": {"0": 42}}
