@@ -19,13 +19,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from schemas import Limits
+from schemas import MODEL_NAME, Limits
 
 if TYPE_CHECKING:
     import redis
-
-_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
 
 class _Section(BaseModel):
     """A settings table: unknown keys are errors, so a typo never silently falls back to a default."""
@@ -229,7 +226,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MELO_", env_nested_delimiter="__", extra="forbid", validate_default=True)
 
-    model: str = Field("tiny-gpt2", pattern=_MODEL_NAME, description="Model namespace: the Kafka key, the snapshot directory and the Redis hash tag.")
+    model: str = Field("tiny-gpt2", pattern=MODEL_NAME.pattern, description="Model namespace: the Kafka key, the snapshot directory and the Redis hash tag.")
     backbone: str | None = Field(None, description="Name passed to melo_runtime.backbones.load_backbone; defaults to model.")
     task: Literal["generate", "classify"] = Field("generate", description="What edits teach: new continuations, or new labels.")
     labels: Annotated[list[str], NoDecode] = Field(

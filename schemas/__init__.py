@@ -6,6 +6,7 @@ imports nothing from `daemon` or `melo_runtime`.
 
 from schemas.events import ControlEvent, EditEvent, LocalityProbe
 from schemas.validate import (
+    MODEL_NAME,
     InvalidEvent,
     Limits,
     Reason,
@@ -16,6 +17,7 @@ from schemas.validate import (
 )
 
 __all__ = [
+    "MODEL_NAME",
     "ControlEvent",
     "EditEvent",
     "InvalidEvent",

@@ -25,6 +25,9 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from schemas.events import ControlEvent, EditEvent, LocalityProbe
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A model namespace: also a Kafka key, a directory name and a Redis hash tag (same pattern as the schemas)."""
+
 MAX_DEPTH = 32
 """Deepest JSON nesting accepted anywhere in an event (metadata included)."""
 

@@ -168,3 +168,11 @@ def test_manifest_problems_name_the_offending_field() -> None:
     problems = manifest_problems({"format": "melo.manifest.v1", "version": 0})
     assert any(p.startswith("/version:") for p in problems)
     assert any("required property" in p for p in problems)
+
+
+def test_model_name_pattern_is_the_same_in_python_and_every_schema() -> None:
+    from schemas import MODEL_NAME
+
+    assert load_schema("edit")["$defs"]["namespace"]["pattern"] == MODEL_NAME.pattern
+    assert load_schema("control")["$defs"]["namespace"]["pattern"] == MODEL_NAME.pattern
+    assert load_schema("manifest")["properties"]["model"]["pattern"] == MODEL_NAME.pattern

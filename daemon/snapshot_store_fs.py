@@ -1,0 +1,410 @@
+"""Filesystem snapshot store (DESIGN.md §5): crash-safe with only rename, link and fsync.
+
+```
+<root>/<model>/blobs/sha256/<hex>          immutable file contents, named by their sha256
+<root>/<model>/versions/<n>.json           immutable manifest of version n
+<root>/<model>/versions/<n>.marks.jsonl    append-only status marks of version n
+<root>/<model>/CURRENT                     "<n>\n": the serving version
+<root>/<model>/.lock                       flock held while publishing, marking or deleting
+```
+
+Every file is written to a temporary name, fsynced, then moved into place, and the directory is
+fsynced; a reader (or a process restarted after kill -9) sees a file completely or not at all.
+A manifest is moved into place with link(2), which fails if the name exists: two writers can never
+both publish version n, and the loser gets `VersionConflict`. Publishing and retention hold the
+model's lock, so retention can never delete a blob that a manifest being published is about to use.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import CorruptSnapshot, SnapshotNotFound, VersionConflict
+from daemon.snapshots import (
+    MANIFEST_FORMAT,
+    MARK_STATUSES,
+    META_KEYS,
+    FileRef,
+    Manifest,
+    RetentionReport,
+    Status,
+)
+from schemas import MODEL_NAME, manifest_problems
+
+_MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
+_TMP_PREFIX = ".tmp-"
+_READ_CHUNK = 1 << 20
+
+
+class FsSnapshotStore:
+    """`SnapshotStore` on a local or shared (POSIX) filesystem rooted at `root`."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def publish(
+        self, model: str, files: dict[str, bytes], *, parent: int | None, meta: dict[str, Any], make_current: bool = True
+    ) -> Manifest:
+        """Publish version parent+1 holding `files`; see `SnapshotStore.publish`."""
+        refs = {name: FileRef(hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()}
+        with self._locked(model):
+            manifest = self._build_manifest(model, refs, parent=parent, meta=meta)
+            for name, data in files.items():
+                self._put_blob(model, refs[name], data)
+            self._fsync_dir(self._blob_dir(model))
+            return self._commit_manifest(manifest, make_current=make_current)
+
+    def restore(
+        self, model: str, to_version: int, *, parent: int, meta: dict[str, Any], make_current: bool = True
+    ) -> Manifest:
+        """Publish version parent+1 reproducing `to_version`'s content; see `SnapshotStore.restore`."""
+        with self._locked(model):
+            old = self.manifest(model, to_version)
+            problems = self.verify(model, to_version)
+            if problems:
+                raise CorruptSnapshot(
+                    f"cannot restore {model} v{to_version}: {problems[0]} ({len(problems)} problems); "
+                    "pick another version (`melo snapshots verify`)"
+                )
+            content = {
+                "base_model": old.base_model,
+                "melo_config": old.melo_config,
+                "stats": old.stats,
+                "edit_counts": {"total": old.edit_counts["total"], "new": 0},
+                "edit_ids": [],
+                "kind": "rollback",
+                "restores_version": to_version,
+                "rollback_of": parent,
+            }
+            manifest = self._build_manifest(model, dict(old.files), parent=parent, meta=content | meta)
+            return self._commit_manifest(manifest, make_current=make_current)
+
+    def current(self, model: str) -> int | None:
+        """The version CURRENT names, or None before the first publish."""
+        path = self._model_dir(model) / "CURRENT"
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            raise CorruptSnapshot(f"{path} is not ASCII: rewrite it with `melo snapshots set-current`") from None
+        if not text.strip().isdigit():
+            raise CorruptSnapshot(f"{path} holds {text[:40]!r}, expected a version number")
+        return int(text)
+
+    def set_current(self, model: str, version: int) -> None:
+        """Atomically point CURRENT at an existing version."""
+        with self._locked(model):
+            self.manifest(model, version)
+            self._set_current_locked(model, version)
+
+    def latest(self, model: str) -> int | None:
+        """The highest published version (may be ahead of CURRENT), or None."""
+        numbers = self._version_numbers(model)
+        return numbers[-1] if numbers else None
+
+    def manifest(self, model: str, version: int) -> Manifest:
+        """The manifest of `version` with its effective status."""
+        path = self._manifest_path(model, version)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise SnapshotNotFound(
+                f"{model} has no version {version} under {self.root}: `melo snapshots list` shows what exists"
+            ) from None
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptSnapshot(f"manifest {path} is not JSON: {exc}") from None
+        problems = manifest_problems(doc)
+        if problems:
+            raise CorruptSnapshot(f"manifest {path} violates schemas/manifest.v1.json: {'; '.join(problems[:3])}")
+        if doc["version"] != version or doc["model"] != model:
+            raise CorruptSnapshot(f"manifest {path} describes {doc['model']} v{doc['version']}, not {model} v{version}")
+        return Manifest.from_dict(doc, status=self._status(model, version))
+
+    def versions(self, model: str) -> list[Manifest]:
+        """Every retained version's manifest, oldest first."""
+        return [self.manifest(model, n) for n in self._version_numbers(model)]
+
+    def load_files(self, model: str, version: int) -> dict[str, bytes]:
+        """Every file of `version`, each checked against its sha256."""
+        manifest = self.manifest(model, version)
+        files: dict[str, bytes] = {}
+        for name, ref in manifest.files.items():
+            path = self._blob_path(model, ref.sha256)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise CorruptSnapshot(f"{model} v{version}: blob {ref.sha256} of {name} is missing ({path})") from None
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise CorruptSnapshot(
+                    f"{model} v{version}: blob {ref.sha256} of {name} does not match its sha256 ({path}); "
+                    "refusing to load it — restore the blob or roll back to another version"
+                )
+            files[name] = data
+        return files
+
+    def verify(self, model: str, version: int) -> list[str]:
+        """Problems found re-reading `version` completely; [] means intact."""
+        try:
+            manifest = self.manifest(model, version)
+        except (SnapshotNotFound, CorruptSnapshot) as exc:
+            return [str(exc)]
+        problems = []
+        for name, ref in sorted(manifest.files.items()):
+            path = self._blob_path(model, ref.sha256)
+            try:
+                size, digest = _hash_file(path)
+            except FileNotFoundError:
+                problems.append(f"{name}: blob {ref.sha256} is missing")
+                continue
+            if size != ref.bytes:
+                problems.append(f"{name}: blob {ref.sha256} has {size} bytes, manifest says {ref.bytes}")
+            elif digest != ref.sha256:
+                problems.append(f"{name}: blob {ref.sha256} content hashes to {digest}")
+        return problems
+
+    def mark(self, model: str, version: int, status: Status, *, reason: str = "") -> None:
+        """Append a status mark (good | bad | pinned) for `version`."""
+        if status not in MARK_STATUSES:
+            raise ValueError(f"cannot mark a version {status!r}: use one of {sorted(MARK_STATUSES)}")
+        with self._locked(model):
+            self.manifest(model, version)
+            line = json.dumps({"status": status, "at": _now(), "reason": reason[:1000]}) + "\n"
+            path = self._marks_path(model, version)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._fsync_dir(path.parent)
+
+    def retain(self, model: str, keep_last: int, keep_statuses: frozenset[str]) -> RetentionReport:
+        """Delete old versions and the blobs only they used; see `SnapshotStore.retain`."""
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        with self._locked(model):
+            numbers = self._version_numbers(model)
+            keep = set(numbers[-keep_last:])
+            current = self.current(model)
+            if current is not None:
+                keep.add(current)
+            statuses = keep_statuses | {"pinned"}
+            keep.update(n for n in numbers if self._status(model, n) in statuses)
+            referenced: set[str] = set()
+            for n in keep:
+                referenced.update(ref.sha256 for ref in self.manifest(model, n).files.values())
+
+            removed_versions = [n for n in numbers if n not in keep]
+            for n in removed_versions:
+                self._manifest_path(model, n).unlink()
+                self._marks_path(model, n).unlink(missing_ok=True)
+            self._fsync_dir(self._versions_dir(model))
+
+            blob_dir = self._blob_dir(model)
+            freed = _remove_temp_files(blob_dir, self._versions_dir(model), self._model_dir(model))
+            removed_blobs = []
+            for path in sorted(blob_dir.iterdir()) if blob_dir.is_dir() else []:
+                if path.name not in referenced:
+                    freed += path.stat().st_size
+                    path.unlink()
+                    removed_blobs.append(path.name)
+            self._fsync_dir(blob_dir)
+            return RetentionReport(removed_versions, removed_blobs, freed)
+
+    def _build_manifest(self, model: str, refs: dict[str, FileRef], *, parent: int | None, meta: dict[str, Any]) -> Manifest:
+        """The manifest of version parent+1, checked against the schema before anything is written."""
+        unknown = set(meta) - META_KEYS
+        if unknown:
+            raise ValueError(f"unknown manifest meta keys {sorted(unknown)}: allowed are {sorted(META_KEYS)}")
+        if parent is not None:
+            self.manifest(model, parent)  # the parent must exist: a typo'd parent is a bug, not a new chain
+        version = 1 if parent is None else parent + 1
+        edit_ids = list(meta.get("edit_ids", []))
+        manifest = Manifest.from_dict(
+            {
+                "format": MANIFEST_FORMAT,
+                "version": version,
+                "parent": parent,
+                "created_at": _now(),
+                "model": model,
+                "base_model": meta.get("base_model", {"id": "unknown", "weights_sha256": None}),
+                "melo_config": meta.get("melo_config", {}),
+                "files": {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in refs.items()},
+                "edit_counts": meta.get("edit_counts", {"total": len(edit_ids), "new": len(edit_ids)}),
+                "edit_ids": edit_ids,
+                "offsets": meta.get("offsets", {}),
+                "stats": meta.get("stats", {"blocks": 0, "clusters": 0, "conflicts": 0, "forgotten": 0}),
+                "status": "new",
+                "kind": meta.get("kind", "edit"),
+                "rollback_of": meta.get("rollback_of"),
+                "restores_version": meta.get("restores_version"),
+                "request_id": meta.get("request_id"),
+                "reason": meta.get("reason"),
+                "writer": meta.get("writer", {"owner": "unknown", "token": 0}),
+            }
+        )
+        problems = manifest_problems(manifest.to_dict())
+        if problems:
+            raise ValueError(f"manifest for {model} v{version} would be invalid: {'; '.join(problems[:5])}")
+        return manifest
+
+    def _commit_manifest(self, manifest: Manifest, *, make_current: bool) -> Manifest:
+        """Move the manifest into place exclusively, then (optionally) point CURRENT at it."""
+        model, version = manifest.model, manifest.version
+        doc = manifest.to_dict()
+        versions_dir = self._versions_dir(model)
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temp(versions_dir, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
+        final = self._manifest_path(model, version)
+        try:
+            os.link(tmp, final)  # atomic and exclusive: fails if version n exists
+        except FileExistsError:
+            raise VersionConflict(
+                f"{model} v{version} already exists (latest is v{self.latest(model)}): another writer published "
+                "it; reload the latest version and redo the batch on top of it"
+            ) from None
+        finally:
+            tmp.unlink()
+        self._fsync_dir(versions_dir)
+        if make_current:
+            self._set_current_locked(model, version)
+        return manifest
+
+    def _put_blob(self, model: str, ref: FileRef, data: bytes) -> None:
+        path = self._blob_path(model, ref.sha256)
+        try:
+            existing = _hash_file(path)
+        except FileNotFoundError:
+            existing = None
+        # An existing blob is re-hashed, not trusted: a damaged copy is replaced instead of reused.
+        if existing != (ref.bytes, ref.sha256):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._write_temp(path.parent, data)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, path)
+
+    def _set_current_locked(self, model: str, version: int) -> None:
+        directory = self._model_dir(model)
+        tmp = self._write_temp(directory, f"{version}\n".encode("ascii"))
+        os.replace(tmp, directory / "CURRENT")
+        self._fsync_dir(directory)
+
+    def _status(self, model: str, version: int) -> Status | None:
+        path = self._marks_path(model, version)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        status = None
+        lines = text.split("\n")
+        # A crash mid-append leaves a last line without its newline: that mark never happened.
+        for number, line in enumerate(lines[:-1], start=1):
+            try:
+                status = json.loads(line)["status"]
+            except (ValueError, KeyError, TypeError):
+                raise CorruptSnapshot(f"{path} line {number} is not a status mark: {line[:80]!r}") from None
+            if status not in MARK_STATUSES:
+                raise CorruptSnapshot(f"{path} line {number} has unknown status {status!r}")
+        return status
+
+    def _version_numbers(self, model: str) -> list[int]:
+        directory = self._versions_dir(model)
+        if not directory.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _MANIFEST_NAME.match(p.name)))
+
+    @contextmanager
+    def _locked(self, model: str) -> Iterator[None]:
+        directory = self._model_dir(model)
+        directory.mkdir(parents=True, exist_ok=True)
+        # flock, not lockf: it also excludes a second open file in the same process (scheduler thread).
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write_temp(self, directory: Path, data: bytes) -> Path:
+        tmp = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some network filesystems refuse fsync on directories
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
+        finally:
+            os.close(fd)
+
+    def _model_dir(self, model: str) -> Path:
+        if not isinstance(model, str) or not MODEL_NAME.match(model):
+            raise ValueError(f"model name {model!r} is not a valid namespace (pattern {MODEL_NAME.pattern})")
+        return self.root / model
+
+    def _versions_dir(self, model: str) -> Path:
+        return self._model_dir(model) / "versions"
+
+    def _blob_dir(self, model: str) -> Path:
+        return self._model_dir(model) / "blobs" / "sha256"
+
+    def _blob_path(self, model: str, digest: str) -> Path:
+        return self._blob_dir(model) / digest
+
+    def _manifest_path(self, model: str, version: int) -> Path:
+        return self._versions_dir(model) / f"{int(version)}.json"
+
+    def _marks_path(self, model: str, version: int) -> Path:
+        return self._versions_dir(model) / f"{int(version)}.marks.jsonl"
+
+
+def _remove_temp_files(*directories: Path) -> int:
+    """Delete leftovers of writes interrupted by a crash; the caller holds the lock, so none is live."""
+    freed = 0
+    for directory in directories:
+        for path in directory.glob(f"{_TMP_PREFIX}*") if directory.is_dir() else []:
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
