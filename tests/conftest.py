@@ -9,12 +9,19 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Set before transformers is imported anywhere: nothing in the test suite may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# `python -m pytest` puts the repository root on sys.path and a bare `pytest` does not; tests import
+# their helpers as `tests.services` either way.
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
