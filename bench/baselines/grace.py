@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.baselines.hooked import HookedMethod, linear_shape
+from bench.baselines.replay import frozen_prefix, layers_below
 from bench.datasets import EditCase
 
 
@@ -68,6 +69,7 @@ class GraceCodebook(HookedMethod):
         self._prefill = False
         self._captured: Tensor | None = None
         modules[layer].register_forward_hook(self._hook)
+        self.frozen = layers_below(model, [layer])
 
     @contextmanager
     def routing(self, key_positions: Tensor, prefill: bool) -> Iterator[None]:
@@ -139,7 +141,7 @@ class GraceCodebook(HookedMethod):
             distances = torch.cdist(query[None], self.keys)[0]
             value = self.values[int(distances.argmin())]
             optimizer = torch.optim.Adam([value], lr=self.lr)
-            with torch.enable_grad():
+            with torch.enable_grad(), frozen_prefix(self.frozen):
                 value.requires_grad_(True)
                 for _ in range(self.iterations):
                     loss = self.edit_loss([case.prompt], [case.target])

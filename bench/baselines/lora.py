@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.baselines.hooked import HookedMethod, linear_shape
+from bench.baselines.replay import frozen_prefix, layers_below
 from bench.datasets import EditCase
 
 
@@ -60,6 +61,7 @@ class SequentialLora(HookedMethod):
         generator = torch.Generator().manual_seed(seed)
         self.adapters = nn.ModuleList(LoraAdapter(modules[name], rank, generator) for name in target_modules)
         self.iterations, self.lr, self.lr_step, self.lr_gamma = iterations, lr, lr_step, lr_gamma
+        self.frozen = layers_below(model, list(target_modules))
 
     def apply_batch(self, cases: Sequence[EditCase]) -> dict[str, float]:
         """Fine-tune the single LoRA on this batch (fresh Adam + StepLR, as each MELO block gets)."""
@@ -67,7 +69,7 @@ class SequentialLora(HookedMethod):
         optimizer = torch.optim.Adam(self.adapters.parameters(), lr=self.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
         loss = torch.tensor(float("nan"))
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_prefix(self.frozen):
             for _ in range(self.iterations):
                 loss = self.edit_loss(prompts, targets)
                 optimizer.zero_grad()
