@@ -1,0 +1,300 @@
+"""MELO cluster vector DB: the insertion rules on hand-built keys, retract, persistence, routing."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from melo_runtime.vectordb import Hit, VectorDB
+
+
+def _keys(*points: tuple[float, ...]) -> np.ndarray:
+    return np.array(points, dtype=np.float32)
+
+
+def _clusters(db: VectorDB) -> dict[int, dict]:
+    """Cluster records by id, with centres, from the public state."""
+    state, arrays = db.to_state(include_index=False)
+    out = {}
+    for record, centre in zip(state["clusters"], arrays["centres"]):
+        out[record["id"]] = {**record, "centre": centre.tolist()}
+    return out
+
+
+def _insert(db: VectorDB, points, labels, edit_ids, blocks=None):
+    blocks = blocks if blocks is not None else [0] * len(points)
+    return db.insert(_keys(*points), labels, blocks, edit_ids)
+
+
+def test_first_key_adds_a_cluster_with_radius_r_init():
+    db = VectorDB(2, 1.0)
+    report = _insert(db, [(3.0, 4.0)], ["a"], ["e1"], [7])
+    assert report.actions == ["add"] and report.added == 1
+    (c,) = _clusters(db).values()
+    assert c["centre"] == [3.0, 4.0] and c["radius"] == 1.0 and c["label"] == "a"
+    assert db.search(_keys((3.0, 4.0)))[0] == Hit(cluster_id=0, block=7, edit_id="e1", distance=0.0)
+
+
+def test_key_beyond_radius_plus_r_init_adds_a_second_cluster():
+    db = VectorDB(2, 1.0)
+    report = _insert(db, [(0.0, 0.0), (2.01, 0.0)], ["a", "a"], ["e1", "e2"])
+    assert report.actions == ["add", "add"]
+    assert [c["radius"] for c in _clusters(db).values()] == [1.0, 1.0]
+
+
+def test_expand_moves_centre_to_mean_and_radius_to_farthest_member():
+    db = VectorDB(2, 1.0)
+    # (2,0) is exactly at R + R_init = 2: expand, centre (1,0), radius max(1, R_init) = 1.
+    # (2.8,0) is 1.8 from (1,0), within 1 + 1: expand, centre (1.6, 0), farthest member (0,0).
+    report = _insert(db, [(0.0, 0.0), (2.0, 0.0), (2.8, 0.0)], ["a"] * 3, ["e1", "e2", "e3"])
+    assert report.actions == ["add", "expand", "expand"] and report.expanded == 2
+    (c,) = _clusters(db).values()
+    assert c["centre"] == pytest.approx([1.6, 0.0])
+    assert c["radius"] == pytest.approx(1.6)
+
+
+def test_join_inside_radius_refits_and_may_shrink_the_radius():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (2.0, 0.0), (2.8, 0.0)], ["a"] * 3, ["e1", "e2", "e3"])
+    report = _insert(db, [(1.5, 0.0)], ["a"], ["e4"])
+    assert report.actions == ["join"]
+    (c,) = _clusters(db).values()
+    # Centre (6.3/4, 0); the farthest member (0,0) is now 1.575 away, less than the old 1.6.
+    assert c["centre"] == pytest.approx([1.575, 0.0])
+    assert c["radius"] == pytest.approx(1.575)
+    assert c["edit_ids"] == ["e1", "e2", "e3", "e4"]
+
+
+def test_conflict_shrinks_radius_and_forgets_outside_members():
+    db = VectorDB(2, 1.0)
+    # Cluster "a": (0,0) add; (2,0) expand -> centre (1,0) r 1; (1,0) joins -> centre (1,0) r 1.
+    _insert(db, [(0.0, 0.0), (2.0, 0.0), (1.0, 0.0)], ["a"] * 3, ["e1", "e2", "e3"], [0, 0, 1])
+    report = _insert(db, [(2.6, 0.0)], ["b"], ["e4"], [2])
+    assert report.actions == ["conflict"] and report.conflicts == 1
+    # d = 1.6: R_C <- 0.8; (0,0) and (2,0) are 1 from the centre, outside 0.8: forgotten.
+    assert report.forgotten == [("e1", 0), ("e2", 0)]
+    old, new = _clusters(db).values()
+    assert old["centre"] == [1.0, 0.0] and old["radius"] == pytest.approx(0.8)
+    assert old["edit_ids"] == ["e3"]
+    assert new["centre"] == pytest.approx([2.6, 0.0]) and new["radius"] == pytest.approx(0.8)
+    assert db.stats() == {
+        "clusters": 2, "members": 2, "conflicts_total": 1, "forgotten_total": 2, "retracted_total": 0,
+    }
+    assert db.edit_ids() == {"e3", "e4"}
+    hits = db.search(_keys((1.0, 0.0), (2.6, 0.0), (0.0, 0.0)))
+    assert [h.edit_id if h else None for h in hits] == ["e3", "e4", None]
+
+
+def test_conflict_that_forgets_every_member_removes_the_cluster():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (2.0, 0.0)], ["a", "a"], ["e1", "e2"])  # centre (1,0), r 1
+    report = _insert(db, [(2.6, 0.0)], ["b"], ["e3"])
+    assert report.forgotten == [("e1", 0), ("e2", 0)]
+    (c,) = _clusters(db).values()
+    assert c["edit_ids"] == ["e3"] and c["radius"] == pytest.approx(0.8)
+
+
+def test_later_join_never_regrows_a_halved_cluster_past_its_members():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0)], ["a"], ["e1"])
+    _insert(db, [(1.6, 0.0)], ["b"], ["e2"])  # conflict at d = 1.6: both radii 0.8
+    report = _insert(db, [(-0.2, 0.0)], ["a"], ["e3"])
+    assert report.actions == ["join"]
+    a = _clusters(db)[0]
+    # Centre (-0.1, 0), farthest member 0.1 away; the floor is the halved 0.8, not R_init.
+    assert a["centre"] == pytest.approx([-0.1, 0.0]) and a["radius"] == pytest.approx(0.8)
+
+
+def test_reediting_the_same_prompt_with_a_new_label_makes_the_newest_win():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (1.5, 0.0)], ["a", "a"], ["old", "other"], [0, 0])  # centre (.75,0) r 1
+    report = db.insert(_keys((0.0, 0.0)), ["b"], [5], ["new"])
+    assert report.actions == ["supersede"] and report.conflicts == 1
+    assert report.forgotten == [("old", 0)]
+    assert db.edit_ids() == {"other", "new"}
+    hits = db.search(_keys((0.0, 0.0), (0.1, 0.05), (1.5, 0.0)))
+    assert [(h.edit_id, h.block) for h in hits] == [("new", 5), ("new", 5), ("other", 0)]
+    assert all(c["radius"] == 1.0 for c in _clusters(db).values())
+    assert db.stats()["forgotten_total"] == 1 and db.stats()["conflicts_total"] == 1
+
+
+def test_supersede_of_a_single_identical_key_replaces_the_cluster_with_radius_r_init():
+    db = VectorDB(3, 0.5)
+    _insert(db, [(1.0, 2.0, 3.0)], ["a"], ["old"])
+    report = _insert(db, [(1.0, 2.0, 3.0)], ["b"], ["new"], [1])
+    assert report.forgotten == [("old", 0)]
+    (c,) = _clusters(db).values()
+    assert c["label"] == "b" and c["radius"] == 0.5 and c["edit_ids"] == ["new"]
+
+
+def test_supersede_keeps_members_far_from_the_new_key_reachable():
+    db = VectorDB(2, 1.25)
+    _insert(db, [(-1.25, 0.0), (1.25, 0.0)], ["a", "a"], ["left", "right"], [0, 1])  # centre 0, r 1.25
+    report = _insert(db, [(0.0, 0.25)], ["b"], ["new"], [2])
+    # Both old keys are sqrt(1.625) > R_init from the new key: nothing is forgotten.
+    assert report.actions == ["supersede"] and report.forgotten == []
+    hits = db.search(_keys((-1.25, 0.0), (1.25, 0.0), (0.0, 0.25), (0.0, 0.4)))
+    assert [h.edit_id for h in hits] == ["left", "right", "new", "new"]
+    assert min(c["radius"] for c in _clusters(db).values()) > 0
+
+
+def test_identical_key_of_a_newer_same_label_edit_wins_the_member_tie():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (0.0, 0.0)], ["a", "a"], ["e1", "e2"], [0, 1])
+    assert db.search(_keys((0.0, 0.0)))[0].edit_id == "e2"
+
+
+def test_retract_removes_members_refits_and_drops_empty_clusters():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (1.5, 0.0), (10.0, 0.0)], ["a", "a", "b"], ["e1", "e2", "e3"])
+    assert db.retract("e2") == 1
+    c0 = _clusters(db)[0]
+    assert c0["centre"] == [0.0, 0.0] and c0["radius"] == 1.0
+    assert db.search(_keys((1.5, 0.0))) == [None]  # the retracted input falls back to the base model
+    assert db.retract("e3") == 1 and db.retract("e3") == 0 and db.retract("unknown") == 0
+    assert db.edit_ids() == {"e1"}
+    assert db.stats() == {
+        "clusters": 1, "members": 1, "conflicts_total": 0, "forgotten_total": 0, "retracted_total": 2,
+    }
+
+
+def test_invalid_input_raises_value_error_and_changes_nothing():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0)], ["a"], ["e1"])
+    before = db.to_state()
+    with pytest.raises(ValueError, match="shape"):
+        db.insert(np.zeros((1, 3), np.float32), ["a"], [0], ["e2"])
+    with pytest.raises(ValueError, match="labels has 1 entries for 2 keys"):
+        db.insert(np.zeros((2, 2), np.float32), ["a"], [0, 0], ["e2", "e3"])
+    with pytest.raises(ValueError, match="NaN"):
+        db.insert(np.array([[0.5, 0.5], [np.nan, 0.0]], np.float32), ["a", "a"], [0, 0], ["e2", "e3"])
+    with pytest.raises(ValueError, match="edit_ids"):
+        db.insert(np.zeros((1, 2), np.float32), ["a"], [0], [""])
+    with pytest.raises(ValueError, match="r_init"):
+        VectorDB(2, 0.0)
+    after = db.to_state()
+    assert json.dumps(after[0]) == json.dumps(before[0])
+    assert all(np.array_equal(after[1][k], before[1][k]) for k in before[1])
+
+
+def _random_db(n_keys: int, dim: int, seed: int, **kwargs) -> tuple[VectorDB, np.ndarray]:
+    """A database built from clumped random keys with mixed labels: every rule fires."""
+    rng = np.random.default_rng(seed)
+    anchors = rng.normal(size=(n_keys // 4, dim)).astype(np.float32) * 4
+    keys = anchors[rng.integers(0, len(anchors), n_keys)] + rng.normal(size=(n_keys, dim)).astype(
+        np.float32
+    ) * 0.3
+    labels = [f"y{v}" for v in rng.integers(0, 3, n_keys)]
+    db = VectorDB(dim, 0.6, **kwargs)
+    db.insert(keys, labels, [i // 10 for i in range(n_keys)], [f"e{i}" for i in range(n_keys)])
+    return db, keys
+
+
+def _brute_force_routes(db: VectorDB, queries: np.ndarray) -> list[tuple | None]:
+    """Routing by exhaustive float64 numpy search over the public state."""
+    state, arrays = db.to_state(include_index=False)
+    ids = np.array([c["id"] for c in state["clusters"]])
+    centres = arrays["centres"].astype(np.float64)
+    starts = np.cumsum([0] + [len(c["blocks"]) for c in state["clusters"]])
+    routes: list[tuple | None] = []
+    for chunk in np.array_split(queries.astype(np.float64), max(1, len(queries) // 200)):
+        dist = np.sqrt(((chunk[:, None, :] - centres[None, :, :]) ** 2).sum(-1))
+        # Ids ascend along columns: the last minimum is the newest cluster, as ties require.
+        best_cols = dist.shape[1] - 1 - np.argmin(dist[:, ::-1], axis=1)
+        for row, qd, best in zip(chunk, dist, best_cols):
+            record = state["clusters"][best]
+            if qd[best] > record["radius"]:
+                routes.append(None)
+                continue
+            members = arrays["member_keys"][starts[best] : starts[best + 1]].astype(np.float64)
+            md = np.sqrt(((members - row) ** 2).sum(-1))
+            m = len(md) - 1 - int(np.argmin(md[::-1]))
+            routes.append((int(ids[best]), record["blocks"][m], record["edit_ids"][m], float(qd[best])))
+    return routes
+
+
+def _routes(hits: list[Hit | None]) -> list[tuple | None]:
+    return [None if h is None else (h.cluster_id, h.block, h.edit_id, h.distance) for h in hits]
+
+
+def _same_routes(got: list[tuple | None], expected: list[tuple | None]) -> bool:
+    """Equal routes; distances may differ in the last bits between two ways of summing squares."""
+    return len(got) == len(expected) and all(
+        g == e or (g is not None and e is not None and g[:3] == e[:3] and g[3] == pytest.approx(e[3]))
+        for g, e in zip(got, expected)
+    )
+
+
+def test_hnsw_routing_equals_brute_force_nearest_cluster_on_10000_random_keys():
+    db, keys = _random_db(3000, 16, seed=1, exact_search_max_clusters=0)
+    stats = db.stats()
+    assert stats["clusters"] > 1000 and stats["conflicts_total"] > 0 and stats["forgotten_total"] > 0
+    rng = np.random.default_rng(2)
+    queries = keys[rng.integers(0, len(keys), 10_000)] + rng.normal(size=(10_000, 16)).astype(
+        np.float32
+    ) * rng.choice([0.0, 0.1, 0.5], size=(10_000, 1)).astype(np.float32)
+    routes = _routes(db.search(queries))
+    expected = _brute_force_routes(db, queries)
+    assert sum(r is not None for r in expected) > 3000  # many queries land inside a cluster
+    assert _same_routes(routes, expected)
+
+
+def test_exact_scan_and_hnsw_give_identical_routes():
+    db, keys = _random_db(400, 8, seed=3)
+    state, arrays = db.to_state()
+    hnsw = VectorDB.from_state({**state, "exact_search_max_clusters": 0}, arrays)
+    queries = keys + np.random.default_rng(4).normal(size=keys.shape).astype(np.float32) * 0.2
+    assert _routes(db.search(queries)) == _routes(hnsw.search(queries))
+
+
+def test_state_round_trip_gives_identical_state_and_routes():
+    db, keys = _random_db(600, 8, seed=5, exact_search_max_clusters=0)
+    db.retract("e7")
+    state, arrays = db.to_state()
+    loaded = VectorDB.from_state(json.loads(json.dumps(state)), arrays)
+    state2, arrays2 = loaded.to_state()
+    assert state2 == state
+    assert arrays2.keys() == arrays.keys()
+    assert all(np.array_equal(arrays2[k], arrays[k]) for k in arrays)
+    queries = keys + np.random.default_rng(6).normal(size=keys.shape).astype(np.float32) * 0.3
+    assert _routes(loaded.search(queries)) == _routes(db.search(queries))
+    rebuilt = VectorDB.from_state(state, {k: v for k, v in arrays.items() if k != "hnsw_index"})
+    assert _routes(rebuilt.search(queries)) == _routes(db.search(queries))
+
+
+def test_same_inserts_give_the_same_state_including_the_hnsw_graph():
+    (a, _), (b, _) = _random_db(500, 8, seed=7), _random_db(500, 8, seed=7)
+    (sa, aa), (sb, ab) = a.to_state(), b.to_state()
+    assert sa == sb and all(np.array_equal(aa[k], ab[k]) for k in aa)
+
+
+def test_from_state_refuses_arrays_of_another_snapshot():
+    small, _ = _random_db(40, 4, seed=8)
+    big, _ = _random_db(80, 4, seed=9)
+    state, _ = small.to_state()
+    with pytest.raises(ValueError, match="do not match"):
+        VectorDB.from_state(state, big.to_state()[1])
+
+
+def test_concurrent_searches_match_a_single_thread():
+    db, keys = _random_db(800, 8, seed=10, exact_search_max_clusters=0)
+    chunks = np.array_split(keys + 0.05, 8)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = [h for hits in pool.map(db.search, chunks) for h in hits]
+    assert parallel == db.search(keys + 0.05)
+
+
+def test_graph_is_rebuilt_once_moved_centres_outnumber_live_ones():
+    db = VectorDB(2, 1.0, exact_search_max_clusters=0)
+    rng = np.random.default_rng(11)
+    far = _keys((100.0, 100.0))
+    db.insert(far, ["z"], [9], ["far"])
+    keys = rng.normal(size=(1100, 2)).astype(np.float32) * 0.1
+    db.insert(keys, ["a"] * 1100, [1] * 1100, [f"e{i}" for i in range(1100)])  # 1099 joins
+    state, _ = db.to_state()
+    assert state["graph_elements"] < 1100 and state["graph_deleted"] < 1100
+    assert db.search(np.vstack([far, keys[-1:]]))[0].edit_id == "far"
+    assert _same_routes(_routes(db.search(keys)), _brute_force_routes(db, keys))
