@@ -1,7 +1,8 @@
 """Shared ground for the ops tests: repository paths, the metric catalogue, the promtool fixture.
 
 docs/contracts.md fixes the metric names; daemon/metrics.py declares them on its REGISTRY. Alerts and
-the dashboard are checked against `exported_metrics()`; the tests here prove the catalogue is sound.
+the dashboard are checked against `exported_metrics()` (the REGISTRY); the tests here prove the
+REGISTRY and the contract agree.
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ def contract_labels() -> dict[str, set[str]]:
 
 
 def exported_metrics() -> dict[str, str]:
-    """Metric name -> type of what the daemon and server export."""
-    return contract_metrics()
+    """Metric name -> type of every metric on daemon.metrics.REGISTRY (what the processes export)."""
+    from daemon.metrics import REGISTRY
+
+    exported = {}
+    for family in REGISTRY.collect():
+        # prometheus_client names a counter's family without the `_total` its samples carry.
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        exported[name] = family.type
+    return exported
 
 
 def series_names(name: str, kind: str) -> set[str]:
@@ -70,6 +78,10 @@ def test_contract_table_lists_every_metric_once_with_units_in_counter_names() ->
     for name, kind, _labels in rows:
         if kind == "counter":
             assert name.endswith("_total"), f"counter {name} must end in _total"
+
+
+def test_registry_exports_exactly_the_contract_metrics_with_their_types() -> None:
+    assert exported_metrics() == contract_metrics()
 
 
 def test_contract_labels_are_parsed_without_commentary() -> None:
