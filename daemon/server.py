@@ -1,0 +1,479 @@
+"""`melo serve`: the HTTP serving and admin API over a snapshot store (FastAPI + uvicorn).
+
+Routes (OpenAPI at /openapi.json, docs at /docs):
+
+- ``POST /v1/generate``, ``POST /v1/classify`` -- answer a batch of rows with the version being
+  served; every response names that version and every row its route (block, cluster, distance),
+  or ``null`` when the row is outside every cluster and the base model answered.
+- ``GET /v1/versions``, ``GET /v1/versions/{n}`` -- history: manifests, effective status, stats,
+  and what each version changed against its parent (edits added / forgotten / retracted /
+  rolled back / restored).
+- ``POST /v1/rollback``, ``POST /v1/retract`` -- admin, ``Authorization: Bearer <token>``
+  compared in constant time. They never write the store themselves: see ``daemon.control_ops``
+  (the single writer stays single).
+- ``/healthz`` (process alive), ``/readyz`` (503 until a verified snapshot is loaded), ``/metrics``.
+
+Bad input is always a 4xx with a message naming the limit: 413 for a body over
+``serve.max_body_bytes``, 422 for malformed JSON, wrong types, too many rows, over-long rows or
+too many new tokens, 401/403 for admin auth. A request is answered with the version it read when
+it started (see ``daemon.serving_state``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from daemon import metrics
+from daemon.control_ops import ControlError, ControlOps, ControlResult
+from daemon.errors import SnapshotNotFound
+from daemon.serving_state import CurrentFollower, LoadedVersion, NotReady, ServingState, VersionHistory
+from daemon.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Service(Protocol):
+    """A background helper that lives as long as the app (started and stopped by its lifespan)."""
+
+    def start(self) -> Any:
+        """Start in the background."""
+        ...
+
+    def stop(self) -> None:
+        """Stop and wait for the background work."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on one inference request (beyond ``serve.max_body_bytes``, enforced before parsing)."""
+
+    max_body_bytes: int = 1024 * 1024
+    max_rows: int = 64
+    max_chars: int = 2000
+    max_new_tokens: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServeLimits:
+        """Body bytes from ``serve``; row length from ``limits.max_prompt_chars`` (what an edit may hold)."""
+        return cls(max_body_bytes=settings.serve.max_body_bytes, max_chars=settings.limits.max_prompt_chars)
+
+
+class GenerateRequest(BaseModel):
+    """Greedy continuations of each prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[str] = Field(min_length=1, description="Rows to continue; at most max_rows, each at most max_chars.")
+    max_new_tokens: int = Field(16, ge=1, description="Tokens to generate per row; at most max_new_tokens.")
+
+
+class ClassifyRequest(BaseModel):
+    """Labels for each text."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, description="Rows to label; at most max_rows, each at most max_chars.")
+
+
+class RouteOut(BaseModel):
+    """Which edit block answered a row: the cluster its key fell in and how far from the centre."""
+
+    block: int
+    cluster: int
+    distance: float
+
+
+class GenerateRow(BaseModel):
+    output: str
+    route: RouteOut | None = Field(description="null: outside every cluster, the base model answered.")
+
+
+class ClassifyRow(BaseModel):
+    label: str
+    route: RouteOut | None = Field(description="null: outside every cluster, the base model answered.")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    version: int = Field(description="The snapshot version that produced every row of this response.")
+    results: list[GenerateRow]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int = Field(description="The snapshot version that produced every row of this response.")
+    results: list[ClassifyRow]
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to_version: int = Field(ge=1, le=9007199254740991, description="The version whose content the new version reproduces.")
+    reason: str = Field(min_length=1, max_length=1000)
+    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RetractRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    edit_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    reason: str = Field(min_length=1, max_length=1000)
+    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ControlResponse(BaseModel):
+    request_id: str
+    status: str = Field(description="published: the new version exists; accepted: queued for the writer, not yet published.")
+    version: int | None = Field(description="The version this request produced, once published.")
+    via: str = Field(description="control: sent to the running writer; direct: applied under the writer lease.")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413 before anything parses them.
+
+    Both a declared Content-Length and the bytes actually streamed are checked, so a chunked upload
+    cannot slip past the declared size.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over the {self.max_bytes}-byte limit (serve.max_body_bytes): send fewer or shorter rows"},
+            status_code=413,
+        )
+        await response(scope, receive, send)
+
+
+def _route_out(route: Any) -> RouteOut | None:
+    if route is None:
+        return None
+    return RouteOut(block=int(route.block), cluster=int(route.cluster), distance=float(route.distance))
+
+
+def _check_rows(rows: Sequence[str], limits: ServeLimits, field: str) -> None:
+    if len(rows) > limits.max_rows:
+        raise HTTPException(422, f"{field}: {len(rows)} rows, at most {limits.max_rows} per request: split the batch")
+    for index, row in enumerate(rows):
+        if not row.strip():
+            raise HTTPException(422, f"{field}[{index}] is empty or whitespace: send text")
+        if len(row) > limits.max_chars:
+            raise HTTPException(422, f"{field}[{index}] has {len(row)} characters, at most {limits.max_chars}: shorten it")
+
+
+def create_app(
+    state: ServingState,
+    *,
+    history: VersionHistory,
+    control: ControlOps | None = None,
+    admin_token: str | None = None,
+    limits: ServeLimits = ServeLimits(),
+    services: Sequence[Service] = (),
+) -> FastAPI:
+    """The FastAPI app serving ``state``.
+
+    ``control`` performs rollback/retract (``None``: admin routes answer 503); ``admin_token``
+    guards them (``None``: they answer 403). ``services`` (the CURRENT follower, an announcement
+    listener) are started with the app and stopped, in reverse order, when it shuts down.
+    """
+    model_label = state.model_name
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
+        started: list[Service] = []
+        try:
+            for service in services:
+                service.start()
+                started.append(service)
+            yield
+        finally:
+            for service in reversed(started):
+                service.stop()
+
+    app = FastAPI(
+        title="MELO serving API",
+        version="1",
+        description="Serve a MELO-edited model from versioned snapshots; inspect, roll back and retract versions.",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        # The route template, not the raw path, keeps the label set bounded (/v1/versions/{n}).
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(route=label, status=str(response.status_code)).inc()
+        metrics.HTTP_REQUEST_SECONDS.labels(route=label).observe(time.perf_counter() - started)
+        return response
+
+    def serving() -> LoadedVersion:
+        try:
+            return state.current()
+        except NotReady as exc:
+            raise HTTPException(503, str(exc)) from exc
+
+    def require_admin(request: Request) -> None:
+        if admin_token is None:
+            raise HTTPException(403, "admin routes are disabled: set serve.admin_token (MELO_SERVE__ADMIN_TOKEN)")
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(401, "admin route: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode("utf-8"), admin_token.encode("utf-8")):
+            raise HTTPException(403, "admin route: wrong bearer token")
+
+    def control_ops() -> ControlOps:
+        if control is None:
+            raise HTTPException(503, "this server has no control path configured: run rollback/retract with the CLI")
+        return control
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    def generate(body: GenerateRequest) -> GenerateResponse:
+        """Continue each prompt greedily with the served version."""
+        _check_rows(body.prompts, limits, "prompts")
+        if body.max_new_tokens > limits.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens={body.max_new_tokens}, at most {limits.max_new_tokens}")
+        loaded = serving()  # read once: this request is answered entirely by this version
+        try:
+            routes = loaded.editor.route(body.prompts)
+            outputs = loaded.editor.generate(body.prompts, max_new_tokens=body.max_new_tokens)
+        except ValueError as exc:  # the editor's input validation (e.g. too many tokens)
+            raise HTTPException(422, str(exc)) from exc
+        rows = [GenerateRow(output=o, route=_route_out(r)) for o, r in zip(outputs, routes, strict=True)]
+        return GenerateResponse(model=model_label, version=loaded.version, results=rows)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse)
+    def classify(body: ClassifyRequest) -> ClassifyResponse:
+        """Label each text with the served version."""
+        _check_rows(body.texts, limits, "texts")
+        loaded = serving()
+        try:
+            routes = loaded.editor.route(body.texts)
+            labels = loaded.editor.classify(body.texts)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        rows = [ClassifyRow(label=label, route=_route_out(r)) for label, r in zip(labels, routes, strict=True)]
+        return ClassifyResponse(model=model_label, version=loaded.version, results=rows)
+
+    @app.get("/v1/versions")
+    def list_versions() -> dict[str, Any]:
+        """Every stored version, newest first, with its effective status."""
+        served = loaded.version if (loaded := state.loaded()) is not None else None
+        return {"model": model_label, "serving": served, "current": history.current(), "versions": history.summaries()}
+
+    @app.get("/v1/versions/{n}")
+    def show_version(n: int) -> dict[str, Any]:
+        """One version's manifest, effective status, stats and changes against its parent."""
+        try:
+            return history.detail(n)
+        except SnapshotNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    @app.post("/v1/rollback", response_model=ControlResponse, dependencies=[Depends(require_admin)])
+    def rollback(body: RollbackRequest, ops: ControlOps = Depends(control_ops)) -> JSONResponse:
+        """Publish a new version whose content is ``to_version`` (history stays append-only)."""
+        try:
+            result = ops.rollback(body.to_version, body.reason, request_id=body.request_id, trigger="manual")
+        except ControlError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        return _control_response(result)
+
+    @app.post("/v1/retract", response_model=ControlResponse, dependencies=[Depends(require_admin)])
+    def retract(body: RetractRequest, ops: ControlOps = Depends(control_ops)) -> JSONResponse:
+        """Publish a new version in which ``edit_id``'s inputs get the base model's output."""
+        try:
+            result = ops.retract(body.edit_id, body.reason, request_id=body.request_id)
+        except ControlError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        return _control_response(result)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is up (says nothing about the model)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """200 once a verified snapshot is loaded, 503 before."""
+        if not state.ready:
+            return JSONResponse({"ready": False, "model": model_label, "version": None}, status_code=503)
+        return JSONResponse({"ready": True, "model": model_label, "version": state.current().version})
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> PlainTextResponse:
+        """Prometheus text exposition of the process's registry."""
+        return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    return app
+
+
+def _control_response(result: ControlResult) -> JSONResponse:
+    body = ControlResponse(request_id=result.request_id, status=result.status, version=result.version, via=result.via)
+    return JSONResponse(body.model_dump(), status_code=200 if result.status == "published" else 202)
+
+
+class AnnouncementListener:
+    """Wakes a :class:`CurrentFollower` whenever the snapshots topic announces a version of its model.
+
+    It reads from the end of the topic without a consumer group (every replica sees every
+    announcement) and never commits: CURRENT stays the source of truth, an announcement only
+    makes the follower look now instead of at its next poll.
+    """
+
+    def __init__(self, client_kwargs: dict[str, Any], topic: str, model: str, follower: CurrentFollower) -> None:
+        """Listen on ``topic`` with kafka-python ``client_kwargs`` (``KafkaSettings.client_kwargs()``)."""
+        self.client_kwargs = client_kwargs
+        self.topic = topic
+        self.model = model.encode("utf-8")
+        self.follower = follower
+        self._stop = threading.Event()
+        self._consumer: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"announcements-{model}", daemon=True)
+
+    def start(self) -> AnnouncementListener:
+        """Connect and start listening in a background thread; returns self."""
+        from kafka import KafkaConsumer
+
+        self._consumer = KafkaConsumer(
+            self.topic, group_id=None, enable_auto_commit=False, auto_offset_reset="latest", **self.client_kwargs
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and close the consumer."""
+        self._stop.set()
+        self._thread.join(10.0)
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batches = self._consumer.poll(timeout_ms=500)
+            if any(record.key == self.model for records in batches.values() for record in records):
+                self.follower.nudge()
+
+
+def _metrics_on_swap(model: str) -> Callable[[LoadedVersion], None]:
+    def on_swap(loaded: LoadedVersion) -> None:
+        metrics.SERVING_READY.labels(model=model).set(1)
+        metrics.SERVING_VERSION.labels(model=model).set(loaded.version)
+        metrics.SWAPS.labels(model=model).inc()
+
+    return on_swap
+
+
+def build_app(settings: Settings) -> FastAPI:
+    """Everything `melo serve` runs: backbone (loaded once), snapshot store, follower, control path."""
+    from melo_runtime.backbones import load_backbone
+    from melo_runtime.pretrained import backbone_fingerprint
+
+    from daemon.control_ops import ChannelControl, control_sender
+    from daemon.snapshot_store_fs import FsSnapshotStore
+
+    assert settings.backbone is not None and settings.snapshot_root is not None  # filled in by Settings
+    labels = settings.labels if settings.task == "classify" else None
+    model, tokenizer = load_backbone(settings.backbone, labels=labels)
+    store = FsSnapshotStore(settings.snapshot_root)
+    metrics.SERVING_READY.labels(model=settings.model).set(0)
+    state = ServingState(
+        store, settings.model, model, tokenizer,
+        weights_sha256=backbone_fingerprint(model), on_swap=_metrics_on_swap(settings.model),
+    )
+    follower = CurrentFollower(state, settings.serve.poll_s)
+    history = VersionHistory(state)
+    services: list[Service] = [follower]
+    if settings.serve.follow == "announcements":
+        if settings.kafka is None:
+            raise ValueError("serve.follow = announcements needs [kafka] settings; use follow = current without Kafka")
+        services.append(
+            AnnouncementListener(settings.kafka.client_kwargs(), settings.kafka.topics.snapshots, settings.model, follower)
+        )
+    token = settings.serve.admin_token.get_secret_value() if settings.serve.admin_token is not None else None
+    return create_app(
+        state,
+        history=history,
+        control=ChannelControl(control_sender(settings), history),
+        admin_token=token,
+        limits=ServeLimits.from_settings(settings),
+        services=services,
+    )
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `melo serve` to the `melo` CLI (called by daemon.cli)."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the current snapshot over HTTP and follow new versions",
+        description="HTTP serving + admin API over the snapshot store; hot-swaps to every new CURRENT version.",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (MELO_* variables override it)")
+    parser.add_argument("--host", default=None, help="interface to bind (default: serve.host)")
+    parser.add_argument("--port", type=int, default=None, help="port to bind (default: serve.port)")
+    parser.set_defaults(handler=_serve_command)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings.load(args.config)
+    host = args.host or settings.serve.host
+    port = args.port if args.port is not None else settings.serve.port
+    app = build_app(settings)
+    print(f"melo serve: model {settings.model} from {settings.snapshot_root}, http://{host}:{port} (OpenAPI at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+    return 0
