@@ -43,7 +43,14 @@ exact numpy scan (faster there; see bench/RESULTS.md). Candidates are re-checked
 float64 L2 distances to the current centres; the nearest wins, an exact tie goes to the newest
 cluster (largest id). Inside its radius the hit is the cluster's nearest member key (ties: newest
 member); outside, ``None``. Both candidate paths give identical results whenever the true nearest
-centre is among the candidates, which the numpy scan guarantees up to float rounding.
+centre is among the candidates, which the numpy scan guarantees up to float rounding. Labels are
+compared as exact strings: the caller passes normalized targets.
+
+Index maintenance: a centre that moves is marked deleted in the graph and inserted again as a new
+element (label ``version << 32 | cluster id``) instead of being updated in place, because hnswlib's
+in-place update re-prunes neighbours' links and was measured to orphan unrelated elements. Once
+deleted elements outnumber live ones (and 1024), the graph is rebuilt from the live centres.
+``to_state`` saves the graph itself, so a loaded database routes exactly as the saved one.
 
 Thread safety: ``search`` reads only and may run from many threads at once; ``insert``, ``retract``
 and ``from_state`` mutate, and must not overlap any other call (the caller serializes, e.g. by
@@ -67,9 +74,11 @@ STATE_FORMAT = "melo.vectordb/1"
 # far more often than its first one alone.
 CANDIDATES = 8
 # Below this many clusters an exact numpy scan beats an HNSW query (measured: bench/RESULTS.md).
-EXACT_SEARCH_MAX_CLUSTERS = 2048
-# Rows of the (queries x clusters) score matrix computed at once by the exact scan: bounds memory.
+EXACT_SEARCH_MAX_CLUSTERS = 4096
+# Cells of the (queries x clusters) score matrix computed at once by the exact scan: bounds memory.
 _SCAN_CHUNK_CELLS = 1 << 22
+# Query rows re-checked at once (each row gathers CANDIDATES centres in float64): bounds memory.
+_RECHECK_CHUNK_ROWS = 1024
 # An HNSW element's label is (version << 32) | cluster id: a moved centre is a new element.
 _ID_BITS = 32
 _ID_MASK = (1 << _ID_BITS) - 1
@@ -193,6 +202,9 @@ class VectorDB:
         for name, seq in (("labels", labels), ("blocks", blocks), ("edit_ids", edit_ids)):
             if len(seq) != n:
                 raise ValueError(f"{name} has {len(seq)} entries for {n} keys; pass one per key")
+        for block in blocks:
+            if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 0:
+                raise ValueError(f"blocks must be non-negative integers, got {block!r}")
         for edit_id in edit_ids:
             if not isinstance(edit_id, str) or not edit_id:
                 raise ValueError(f"edit_ids must be non-empty strings, got {edit_id!r}")
@@ -343,6 +355,12 @@ class VectorDB:
         n_live = len(self._clusters)
         if n_live == 0:
             return [None] * len(queries)
+        if len(queries) > _RECHECK_CHUNK_ROWS:
+            return [
+                hit
+                for start in range(0, len(queries), _RECHECK_CHUNK_ROWS)
+                for hit in self._nearest(queries[start : start + _RECHECK_CHUNK_ROWS])
+            ]
         k = min(n_live, CANDIDATES)
         if n_live <= self.exact_search_max_clusters:
             candidates = self._scan_candidates(queries, k)
@@ -571,7 +589,7 @@ class VectorDB:
         }
         keys = [self._clusters[cid].keys for cid in ids]
         arrays = {
-            "centres": self._centres[ids].copy() if ids else np.zeros((0, self.dim), np.float32),
+            "centres": self._centres[ids] if ids else np.zeros((0, self.dim), np.float32),
             "member_keys": np.concatenate(keys) if keys else np.zeros((0, self.dim), np.float32),
         }
         if include_index:

@@ -173,6 +173,8 @@ def test_invalid_input_raises_value_error_and_changes_nothing():
         db.insert(np.array([[0.5, 0.5], [np.nan, 0.0]], np.float32), ["a", "a"], [0, 0], ["e2", "e3"])
     with pytest.raises(ValueError, match="edit_ids"):
         db.insert(np.zeros((1, 2), np.float32), ["a"], [0], [""])
+    with pytest.raises(ValueError, match="blocks"):
+        db.insert(np.zeros((2, 2), np.float32), ["a", "a"], [0, -1], ["e2", "e3"])
     with pytest.raises(ValueError, match="r_init"):
         VectorDB(2, 0.0)
     after = db.to_state()
