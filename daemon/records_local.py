@@ -46,7 +46,9 @@ class LocalRecordStore:
             if lease["owner"] not in (None, owner) and lease["expires_at"] > now:
                 return None
             token = lease["fence"] + 1
-            self._write(model, "lease.json", {"fence": token, "owner": owner, "token": token, "expires_at": now + ttl_s})
+            self._write(
+                model, "lease.json", {"fence": token, "owner": owner, "token": token, "expires_at": now + ttl_s}
+            )
             return token
 
     def renew_lease(self, model: str, owner: str, token: int, ttl_s: float) -> bool:
@@ -56,7 +58,9 @@ class LocalRecordStore:
             lease = self._read(model, "lease.json", _NO_LEASE)
             if lease["fence"] != token or lease["owner"] not in (owner, None):
                 return False
-            self._write(model, "lease.json", lease | {"owner": owner, "token": token, "expires_at": time.time() + ttl_s})
+            self._write(
+                model, "lease.json", lease | {"owner": owner, "token": token, "expires_at": time.time() + ttl_s}
+            )
             return True
 
     def release_lease(self, model: str, owner: str, token: int) -> None:
@@ -113,15 +117,20 @@ class LocalRecordStore:
             if token < 1 or fence != token:
                 raise Fenced(f"{model}: fencing token {token} is stale (newest is {fence}); another writer took over")
             if state["version"] != expected_version:
-                raise VersionMoved(
-                    f"{model}: records are at version {state['version']}, not {expected_version}; reload before committing"
-                )
+                found = state["version"]
+                raise VersionMoved(f"{model}: records are at version {found}, not {expected_version}; reload first")
             applied = list(dict.fromkeys([*state["applied"], *applied_ids]))
             removed = list(dict.fromkeys([*state["removed"], *removed_ids]))
             self._write(
                 model,
                 "state.json",
-                {"version": new_version, "applied": applied, "removed": removed, "clusters": clusters, "last_commit": marker},
+                {
+                    "version": new_version,
+                    "applied": applied,
+                    "removed": removed,
+                    "clusters": clusters,
+                    "last_commit": marker,
+                },
             )
 
     def _state(self, model: str) -> dict[str, Any]:
@@ -143,7 +152,7 @@ class LocalRecordStore:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

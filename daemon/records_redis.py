@@ -151,7 +151,7 @@ class RedisRecordStore:
             return set()
         with _translated(model):
             flags = self.client.smismember(self._key(model, "applied"), ids)
-        return {edit_id for edit_id, flag in zip(ids, flags) if flag}
+        return {edit_id for edit_id, flag in zip(ids, flags, strict=True) if flag}
 
     def removed(self, model: str) -> set[str]:
         """Applied edit ids that have left the index."""
@@ -183,15 +183,27 @@ class RedisRecordStore:
             raise Fenced(f"{model}: token {token} was never issued; acquire the lease first")
         applied = list(dict.fromkeys(applied_ids))
         removed = list(dict.fromkeys(removed_ids))
-        keys = [self._key(model, name) for name in ("fence", "version", "applied", "removed", "clusters", "last_commit")]
-        args = [str(token), str(expected_version), str(new_version), len(applied), len(removed), *applied, *removed,
-                *encode_clusters(clusters)]
+        keys = [
+            self._key(model, name) for name in ("fence", "version", "applied", "removed", "clusters", "last_commit")
+        ]
+        args = [
+            str(token),
+            str(expected_version),
+            str(new_version),
+            len(applied),
+            len(removed),
+            *applied,
+            *removed,
+            *encode_clusters(clusters),
+        ]
         with _translated(model):
             status, detail = map(_text, self._commit(keys=keys, args=args))
         if status == "fenced":
             raise Fenced(f"{model}: fencing token {token} is stale (newest is {detail}); another writer took over")
         if status == "moved":
-            raise VersionMoved(f"{model}: records are at version {detail}, not {expected_version}; reload before committing")
+            raise VersionMoved(
+                f"{model}: records are at version {detail}, not {expected_version}; reload before committing"
+            )
 
     @staticmethod
     def _key(model: str, name: str) -> str:

@@ -24,6 +24,7 @@ from schemas import MODEL_NAME, Limits
 if TYPE_CHECKING:
     import redis
 
+
 class _Section(BaseModel):
     """A settings table: unknown keys are errors, so a typo never silently falls back to a default."""
 
@@ -33,7 +34,9 @@ class _Section(BaseModel):
 class BatchSettings(_Section):
     """How edits are grouped into one trained block."""
 
-    max_size: int = Field(16, ge=1, le=4096, description="Edits per block: a batch is trained as soon as it holds this many.")
+    max_size: int = Field(
+        16, ge=1, le=4096, description="Edits per block: a batch is trained as soon as it holds this many."
+    )
     max_wait_s: float = Field(
         5.0, gt=0, description="Train a partial batch once its oldest edit has waited this long (seconds)."
     )
@@ -42,12 +45,20 @@ class BatchSettings(_Section):
 class LimitsSettings(_Section):
     """Bounds on every incoming event; anything over goes to the DLQ with a reason code."""
 
-    max_event_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024, description="Largest raw event accepted, in bytes.")
-    max_prompt_chars: int = Field(2000, ge=1, le=20000, description="Longest prompt, rephrase or locality prompt, in characters.")
-    max_target_chars: int = Field(500, ge=1, le=20000, description="Longest target or locality expectation, in characters.")
+    max_event_bytes: int = Field(
+        64 * 1024, ge=256, le=16 * 1024 * 1024, description="Largest raw event accepted, in bytes."
+    )
+    max_prompt_chars: int = Field(
+        2000, ge=1, le=20000, description="Longest prompt, rephrase or locality prompt, in characters."
+    )
+    max_target_chars: int = Field(
+        500, ge=1, le=20000, description="Longest target or locality expectation, in characters."
+    )
     max_rephrases: int = Field(8, ge=0, le=64, description="Most rephrases per edit.")
     max_locality: int = Field(16, ge=0, le=64, description="Most locality probes per edit.")
-    max_metadata_bytes: int = Field(4096, ge=0, le=1024 * 1024, description="Largest metadata object, as compact UTF-8 JSON bytes.")
+    max_metadata_bytes: int = Field(
+        4096, ge=0, le=1024 * 1024, description="Largest metadata object, as compact UTF-8 JSON bytes."
+    )
 
     def to_limits(self) -> Limits:
         """The `schemas.Limits` the validators take."""
@@ -58,11 +69,25 @@ class TopicsSettings(_Section):
     """Kafka topic names (the same names are used as spool sub-directories)."""
 
     edits: str = Field("melo.edits", min_length=1, description="Edit events in, keyed by model.")
-    control: str = Field("melo.control", min_length=1, description="Control events in (rollback, retract, pause, resume).")
-    dlq: str = Field("melo.edits.dlq", min_length=1, description="Rejected events out: original bytes plus a reason code.")
-    results: str = Field("melo.edit-results", min_length=1, description="Per-edit receipts out: applied in version v, duplicate, rejected, forgotten.")
-    forgotten: str = Field("melo.forgotten", min_length=1, description="Edits forgotten because a newer conflicting edit shrank their cluster.")
-    snapshots: str = Field("melo.snapshots", min_length=1, description="Announcements of newly published versions, for serving replicas.")
+    control: str = Field(
+        "melo.control", min_length=1, description="Control events in (rollback, retract, pause, resume)."
+    )
+    dlq: str = Field(
+        "melo.edits.dlq", min_length=1, description="Rejected events out: original bytes plus a reason code."
+    )
+    results: str = Field(
+        "melo.edit-results",
+        min_length=1,
+        description="Per-edit receipts out: applied in version v, duplicate, rejected, forgotten.",
+    )
+    forgotten: str = Field(
+        "melo.forgotten",
+        min_length=1,
+        description="Edits forgotten because a newer conflicting edit shrank their cluster.",
+    )
+    snapshots: str = Field(
+        "melo.snapshots", min_length=1, description="Announcements of newly published versions, for serving replicas."
+    )
 
 
 class KafkaSettings(_Section):
@@ -73,19 +98,36 @@ class KafkaSettings(_Section):
         min_length=1,
         description="Brokers as host:port; in the environment a comma-separated list.",
     )
-    group_id: str = Field("melo-daemon", min_length=1, description="Consumer group: daemons sharing it split the models between them.")
+    group_id: str = Field(
+        "melo-daemon", min_length=1, description="Consumer group: daemons sharing it split the models between them."
+    )
     client_id: str = Field("melo", min_length=1, description="Client id shown in broker logs and quotas.")
     topics: TopicsSettings = Field(default_factory=TopicsSettings, description="Topic names.")
-    session_timeout_ms: int = Field(45000, ge=1000, description="Group session timeout: a silent consumer is evicted after this long.")
-    heartbeat_interval_ms: int = Field(3000, ge=100, description="Heartbeat period; keep it well under session_timeout_ms.")
-    max_poll_interval_ms: int = Field(
-        600000, ge=1000, description="Longest gap between polls before the consumer leaves its group (the worker keeps polling while it trains)."
+    session_timeout_ms: int = Field(
+        45000, ge=1000, description="Group session timeout: a silent consumer is evicted after this long."
     )
-    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a group with no committed offset starts.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="Transport security.")
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(None, description="SASL mechanism, for SASL_* protocols.")
+    heartbeat_interval_ms: int = Field(
+        3000, ge=100, description="Heartbeat period; keep it well under session_timeout_ms."
+    )
+    max_poll_interval_ms: int = Field(
+        600000,
+        ge=1000,
+        description="Longest gap between polls before the consumer leaves its group "
+        "(the worker keeps polling while it trains).",
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group with no committed offset starts."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Transport security."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism, for SASL_* protocols."
+    )
     sasl_username: str | None = Field(None, description="SASL user name.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (secret: prefer MELO_KAFKA__SASL_PASSWORD over the file).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (secret: prefer MELO_KAFKA__SASL_PASSWORD over the file)."
+    )
     ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates.")
     ssl_certfile: Path | None = Field(None, description="Client certificate, for mutual TLS.")
     ssl_keyfile: Path | None = Field(None, description="Client private key, for mutual TLS.")
@@ -99,7 +141,9 @@ class KafkaSettings(_Section):
 
     @model_validator(mode="after")
     def _sasl_is_complete(self) -> KafkaSettings:
-        if self.security_protocol.startswith("SASL_") and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
             raise ValueError(
                 f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
             )
@@ -146,11 +190,19 @@ class RedisSettings(_Section):
     password: SecretStr | None = Field(None, description="Password (secret: prefer MELO_REDIS__PASSWORD).")
     tls: bool = Field(False, description="Use TLS even for a redis:// URL.")
     ssl_ca: Path | None = Field(None, description="CA bundle for TLS.")
-    socket_timeout_s: float = Field(5.0, gt=0, description="Per-command socket timeout; a dead server fails within this.")
-    lease_ttl_s: float = Field(30.0, gt=0, description="Writer lease lifetime: another daemon may take over this long after the writer dies.")
-    lease_renew_s: float = Field(10.0, gt=0, description="How often the writer renews its lease; keep well under lease_ttl_s.")
+    socket_timeout_s: float = Field(
+        5.0, gt=0, description="Per-command socket timeout; a dead server fails within this."
+    )
+    lease_ttl_s: float = Field(
+        30.0, gt=0, description="Writer lease lifetime: another daemon may take over this long after the writer dies."
+    )
+    lease_renew_s: float = Field(
+        10.0, gt=0, description="How often the writer renews its lease; keep well under lease_ttl_s."
+    )
     retry_deadline_s: float = Field(
-        300.0, gt=0, description="How long the worker keeps retrying an unreachable Redis before it stops with an error."
+        300.0,
+        gt=0,
+        description="How long the worker keeps retrying an unreachable Redis before it stops with an error.",
     )
 
     @model_validator(mode="after")
@@ -163,7 +215,10 @@ class RedisSettings(_Section):
         """A redis-py client for this server (bytes responses, bounded timeouts)."""
         import redis
 
-        kwargs: dict[str, Any] = {"socket_timeout": self.socket_timeout_s, "socket_connect_timeout": self.socket_timeout_s}
+        kwargs: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.socket_timeout_s,
+        }
         if self.username is not None:
             kwargs["username"] = self.username
         if self.password is not None:
@@ -202,10 +257,16 @@ class MonitorSettings(_Section):
     """Probes run against the serving version; a regression can roll back automatically."""
 
     interval_s: float = Field(300.0, gt=0, description="How often probes run.")
-    locality_min: float = Field(0.9, ge=0, le=1, description="Lowest acceptable share of locality probes whose output is unchanged.")
-    edits_min: float = Field(0.9, ge=0, le=1, description="Lowest acceptable share of applied edits still answered with their target.")
+    locality_min: float = Field(
+        0.9, ge=0, le=1, description="Lowest acceptable share of locality probes whose output is unchanged."
+    )
+    edits_min: float = Field(
+        0.9, ge=0, le=1, description="Lowest acceptable share of applied edits still answered with their target."
+    )
     canary_file: Path | None = Field(None, description="JSONL of {prompt, expected} probes that must always pass.")
-    auto_rollback: bool = Field(False, description="Roll back to the last good version when a probe set falls below its minimum.")
+    auto_rollback: bool = Field(
+        False, description="Roll back to the last good version when a probe set falls below its minimum."
+    )
 
 
 class ServeSettings(_Section):
@@ -213,7 +274,9 @@ class ServeSettings(_Section):
 
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8080, ge=0, le=65535, description="Port to bind.")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes; unset = admin routes refused.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for admin routes; unset = admin routes refused."
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted.")
     follow: Literal["announcements", "current"] = Field(
         "current", description="How replicas learn of new versions: the snapshots topic, or polling CURRENT."
@@ -224,20 +287,38 @@ class ServeSettings(_Section):
 class Settings(BaseSettings):
     """Everything the daemon, the CLI and the serving process are configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="MELO_", env_nested_delimiter="__", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MELO_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
 
-    model: str = Field("tiny-gpt2", pattern=MODEL_NAME.pattern, description="Model namespace: the Kafka key, the snapshot directory and the Redis hash tag.")
-    backbone: str | None = Field(None, description="Name passed to melo_runtime.backbones.load_backbone; defaults to model.")
-    task: Literal["generate", "classify"] = Field("generate", description="What edits teach: new continuations, or new labels.")
+    model: str = Field(
+        "tiny-gpt2",
+        pattern=MODEL_NAME.pattern,
+        description="Model namespace: the Kafka key, the snapshot directory and the Redis hash tag.",
+    )
+    backbone: str | None = Field(
+        None, description="Name passed to melo_runtime.backbones.load_backbone; defaults to model."
+    )
+    task: Literal["generate", "classify"] = Field(
+        "generate", description="What edits teach: new continuations, or new labels."
+    )
     labels: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Class labels for task = classify (comma-separated in the environment)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where blocks are trained; auto = cuda when available.")
-    melo: dict[str, Any] = Field(default_factory=dict, description="Overrides of MeloConfig fields on top of the backbone's preset.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where blocks are trained; auto = cuda when available."
+    )
+    melo: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of MeloConfig fields on top of the backbone's preset."
+    )
     data_dir: Path = Field(Path("var/melo"), description="Root of everything the daemon writes.")
     snapshot_root: Path | None = Field(None, description="Snapshot store root; defaults to <data_dir>/snapshots.")
-    records_dir: Path | None = Field(None, description="Local record store (used when redis is unset); defaults to <data_dir>/records.")
-    spool_dir: Path | None = Field(None, description="Spool of JSONL event files (used when kafka is unset); defaults to <data_dir>/spool.")
+    records_dir: Path | None = Field(
+        None, description="Local record store (used when redis is unset); defaults to <data_dir>/records."
+    )
+    spool_dir: Path | None = Field(
+        None, description="Spool of JSONL event files (used when kafka is unset); defaults to <data_dir>/spool."
+    )
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Micro-batching.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Event size limits.")
     kafka: KafkaSettings | None = Field(None, description="Kafka connection; unset = local spool.")

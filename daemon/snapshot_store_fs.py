@@ -54,7 +54,13 @@ class FsSnapshotStore:
         self.root = Path(root)
 
     def publish(
-        self, model: str, files: dict[str, bytes], *, parent: int | None, meta: dict[str, Any], make_current: bool = True
+        self,
+        model: str,
+        files: dict[str, bytes],
+        *,
+        parent: int | None,
+        meta: dict[str, Any],
+        make_current: bool = True,
     ) -> Manifest:
         """Publish version parent+1 holding `files`; see `SnapshotStore.publish`."""
         refs = {name: FileRef(hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()}
@@ -225,7 +231,9 @@ class FsSnapshotStore:
             self._fsync_dir(blob_dir)
             return RetentionReport(removed_versions, removed_blobs, freed)
 
-    def _build_manifest(self, model: str, refs: dict[str, FileRef], *, parent: int | None, meta: dict[str, Any]) -> Manifest:
+    def _build_manifest(
+        self, model: str, refs: dict[str, FileRef], *, parent: int | None, meta: dict[str, Any]
+    ) -> Manifest:
         """The manifest of version parent+1, checked against the schema before anything is written."""
         unknown = set(meta) - META_KEYS
         if unknown:
@@ -345,7 +353,7 @@ class FsSnapshotStore:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -24,8 +24,20 @@ MANIFEST_FORMAT = "melo.manifest.v1"
 
 # Keys `publish(meta=...)` accepts; everything else in a manifest is derived by the store.
 META_KEYS: frozenset[str] = frozenset(
-    {"base_model", "melo_config", "edit_counts", "edit_ids", "offsets", "stats", "kind",
-     "rollback_of", "restores_version", "request_id", "reason", "writer"}
+    {
+        "base_model",
+        "melo_config",
+        "edit_counts",
+        "edit_ids",
+        "offsets",
+        "stats",
+        "kind",
+        "rollback_of",
+        "restores_version",
+        "request_id",
+        "reason",
+        "writer",
+    }
 )
 
 
@@ -127,7 +139,13 @@ class SnapshotStore(Protocol):
     """Content-addressed, versioned snapshots of one or more models' editor state."""
 
     def publish(
-        self, model: str, files: dict[str, bytes], *, parent: int | None, meta: dict[str, Any], make_current: bool = True
+        self,
+        model: str,
+        files: dict[str, bytes],
+        *,
+        parent: int | None,
+        meta: dict[str, Any],
+        make_current: bool = True,
     ) -> Manifest:
         """Publish version parent+1 (1 when parent is None) holding `files`.
 

@@ -46,8 +46,7 @@ class EditEvent:
             doc["rephrases"] = list(self.rephrases)
         if self.locality:
             doc["locality"] = [
-                {"prompt": p.prompt} | ({} if p.expected is None else {"expected": p.expected})
-                for p in self.locality
+                {"prompt": p.prompt} | ({} if p.expected is None else {"expected": p.expected}) for p in self.locality
             ]
         if self.source is not None:
             doc["source"] = self.source

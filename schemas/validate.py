@@ -189,7 +189,7 @@ def _parse_datetime(value: str) -> datetime:
     head, _, tail = value.partition(".")
     if tail:  # Python parses at most microseconds; keep the offset, drop extra digits
         digits = re.match(r"\d+", tail).group()
-        value = f"{head}.{digits[:6].ljust(6, '0')}{tail[len(digits):]}"
+        value = f"{head}.{digits[:6].ljust(6, '0')}{tail[len(digits) :]}"
     return datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
 
 
@@ -239,11 +239,12 @@ def _finite(text: str) -> float:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {duplicate!r}")
+    # json.loads keeps the last of duplicate keys; producers and the daemon could then disagree.
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ValueError(f"duplicate key {key!r}")
+        doc[key] = value
     return doc
 
 

@@ -32,8 +32,10 @@ class TestRedisRecordStore(RecordStoreContract):
         token = store.acquire_lease(MODEL, "a", 30)
         store.commit_version(MODEL, token, 0, 1, applied_ids=["e1"], clusters=CLUSTERS, removed_ids=["e0"])
         keys = {k.decode() for k in store.client.keys("*")}
-        assert keys == {f"melo:{{{MODEL}}}:{name}" for name in
-                        ("version", "fence", "lease", "applied", "removed", "clusters", "last_commit")}
+        assert keys == {
+            f"melo:{{{MODEL}}}:{name}"
+            for name in ("version", "fence", "lease", "applied", "removed", "clusters", "last_commit")
+        }
         slots = {redis.crc.key_slot(k.encode()) for k in keys}
         assert len(slots) == 1
 

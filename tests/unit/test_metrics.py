@@ -17,7 +17,8 @@ def test_registry_holds_exactly_the_contract_metrics_with_their_labels() -> None
     for name, kind, labels in _ROW.findall(CONTRACTS.read_text()):
         plain = re.sub(r"\(.*?\)", "", labels)
         expected[name.removesuffix("_total") if kind == "counter" else name] = (
-            kind, tuple(label.strip() for label in plain.split(",") if label.strip())
+            kind,
+            tuple(label.strip() for label in plain.split(",") if label.strip()),
         )
     declared = {
         collector._name: (collector._type, tuple(collector._labelnames))

@@ -123,7 +123,9 @@ class RecordStoreContract:
         with pytest.raises(ValueError, match="greater"):
             store.commit_version(MODEL, token, 3, 3, applied_ids=[], clusters=[], removed_ids=[])
         with pytest.raises(ValueError, match="cluster record 0"):
-            store.commit_version(MODEL, token, 0, 1, applied_ids=[], clusters=[{"centre": float("nan")}], removed_ids=[])
+            store.commit_version(
+                MODEL, token, 0, 1, applied_ids=[], clusters=[{"centre": float("nan")}], removed_ids=[]
+            )
         with pytest.raises(ValueError, match="namespace"):
             store.current_version("{bad}")
         assert store.current_version(MODEL) == 0

@@ -10,8 +10,14 @@ import pytest
 
 from schemas import InvalidEvent, Limits, Reason, load_schema, manifest_problems, parse_control, parse_edit
 
-LIMITS = Limits(max_event_bytes=8192, max_prompt_chars=200, max_target_chars=50, max_rephrases=2,
-                max_locality=2, max_metadata_bytes=64)
+LIMITS = Limits(
+    max_event_bytes=8192,
+    max_prompt_chars=200,
+    max_target_chars=50,
+    max_rephrases=2,
+    max_locality=2,
+    max_metadata_bytes=64,
+)
 
 
 def edit(**overrides: object) -> bytes:
@@ -88,7 +94,9 @@ def test_each_invalid_edit_class_gets_its_reason_code(raw: bytes, reason: Reason
 
 
 def test_huge_integer_literal_is_invalid_json_not_a_crash() -> None:
-    assert reason_of(b'{"a": ' + b"9" * 5000 + b"}", parse=lambda r, _: parse_edit(r, Limits()))[0] == Reason.INVALID_JSON
+    assert (
+        reason_of(b'{"a": ' + b"9" * 5000 + b"}", parse=lambda r, _: parse_edit(r, Limits()))[0] == Reason.INVALID_JSON
+    )
 
 
 def control(**fields: object) -> bytes:

@@ -94,7 +94,9 @@ def test_consumer_kwargs_disable_auto_commit_and_carry_group_timeouts() -> None:
 
 
 def test_redis_client_is_built_from_url_and_credentials() -> None:
-    settings = Settings(redis={"url": "redis://127.0.0.1:1/3", "username": "u", "password": "p", "socket_timeout_s": 0.5})
+    settings = Settings(
+        redis={"url": "redis://127.0.0.1:1/3", "username": "u", "password": "p", "socket_timeout_s": 0.5}
+    )
     client = settings.redis.client()
     kwargs = client.connection_pool.connection_kwargs
     assert (kwargs["db"], kwargs["username"], kwargs["password"], kwargs["socket_timeout"]) == (3, "u", "p", 0.5)
@@ -116,7 +118,7 @@ def test_invalid_files_are_refused_naming_the_field(tmp_path: Path, text: str) -
 
 
 def test_missing_config_file_is_an_error_naming_the_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.toml"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
         Settings.load(tmp_path / "nope.toml")
 
 

@@ -72,7 +72,10 @@ def test_unchanged_files_are_stored_once_and_not_rewritten(store: FsSnapshotStor
     # config + index a + block 0, then index b + block 1: five distinct contents in all.
     assert len(blob_names(store)) == 5
     assert block.stat().st_ino == inode
-    assert store.manifest(MODEL, 2).files["blocks/000000.safetensors"] == store.manifest(MODEL, 1).files["blocks/000000.safetensors"]
+    assert (
+        store.manifest(MODEL, 2).files["blocks/000000.safetensors"]
+        == store.manifest(MODEL, 1).files["blocks/000000.safetensors"]
+    )
 
 
 def test_verify_detects_a_flipped_byte_and_load_refuses_it(store: FsSnapshotStore) -> None:
@@ -184,12 +187,26 @@ def test_retention_keeps_last_current_good_and_pinned_and_only_unreferenced_blob
 
 def test_rollback_is_a_new_version_with_the_old_versions_exact_content(store: FsSnapshotStore) -> None:
     store.publish(MODEL, files(1, index="one"), parent=None, meta=meta())
-    store.publish(MODEL, files(2, index="two"), parent=1, meta=meta(stats={"blocks": 2, "clusters": 5, "conflicts": 1, "forgotten": 0}))
+    store.publish(
+        MODEL,
+        files(2, index="two"),
+        parent=1,
+        meta=meta(stats={"blocks": 2, "clusters": 5, "conflicts": 1, "forgotten": 0}),
+    )
     store.publish(MODEL, files(3, index="three"), parent=2, meta=meta())
     blobs_before = blob_names(store)
 
-    rolled = store.restore(MODEL, 1, parent=3, meta={"writer": {"owner": "ops", "token": 8}, "request_id": "r-1",
-                                                     "reason": "bad answers", "offsets": {"melo.edits": {"0": 9}}})
+    rolled = store.restore(
+        MODEL,
+        1,
+        parent=3,
+        meta={
+            "writer": {"owner": "ops", "token": 8},
+            "request_id": "r-1",
+            "reason": "bad answers",
+            "offsets": {"melo.edits": {"0": 9}},
+        },
+    )
 
     assert (rolled.version, rolled.kind, rolled.restores_version, rolled.rollback_of) == (4, "rollback", 1, 3)
     assert store.current(MODEL) == 4 and rolled.offsets == {"melo.edits": {"0": 9}}
@@ -203,7 +220,9 @@ def test_invalid_manifest_metadata_is_refused_before_anything_is_published(store
     with pytest.raises(ValueError, match="unknown manifest meta keys"):
         store.publish(MODEL, files(1), parent=None, meta=meta(colour="blue"))
     with pytest.raises(ValueError, match="/stats"):
-        store.publish(MODEL, files(1), parent=None, meta=meta(stats={"blocks": -1, "clusters": 0, "conflicts": 0, "forgotten": 0}))
+        store.publish(
+            MODEL, files(1), parent=None, meta=meta(stats={"blocks": -1, "clusters": 0, "conflicts": 0, "forgotten": 0})
+        )
     with pytest.raises(ValueError, match="files"):
         store.publish(MODEL, {"../escape": b"x"}, parent=None, meta=meta())
     assert store.latest(MODEL) is None and store.current(MODEL) is None
