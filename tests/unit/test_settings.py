@@ -132,3 +132,11 @@ def test_every_field_is_documented() -> None:
                     check(candidate)
 
     check(Settings)
+
+
+def test_redis_tls_switches_to_verified_ssl_connections(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    settings = Settings(redis={"url": "redis://cache:6380/0", "tls": True, "ssl_ca": ca})
+    pool = settings.redis.client().connection_pool
+    assert pool.connection_class.__name__ == "SSLConnection"
+    assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
