@@ -7,8 +7,9 @@ radius), exactly one rule applies (DESIGN.md §2):
 
 - ``add``: ``d > R_C + R_init`` (or no cluster yet) -> new cluster ``{K}``, radius ``R_init``.
 - ``expand``: ``R_C < d <= R_C + R_init``, same label -> ``K`` joins ``C`` and ``C`` is refitted.
-- ``conflict``: ``R_C < d <= R_C + R_init``, other label -> ``R_C <- d/2``; new cluster at ``K`` with
-  radius ``d/2``; members of ``C`` now farther than ``d/2`` from its centre are forgotten. ``C``'s
+- ``conflict``: ``R_C < d <= R_C + R_init``, other label -> ``R_C <- min(R_C, d/2)`` (a shrink:
+  when an earlier conflict already left ``R_C < d/2`` it stays); new cluster at ``K`` with radius
+  ``d/2``; members of ``C`` now outside ``R_C`` are forgotten. ``C``'s
   centre stays where it is: it is the centre of the ball that was halved, and moving it to the mean
   of the survivors could push survivors outside the new radius. It becomes the mean again at the
   next refit.
@@ -258,9 +259,9 @@ class VectorDB:
     ) -> None:
         c = self._clusters[cid]
         half = d / 2.0
-        c.radius = half
-        c.floor = min(c.floor, half)
-        outside = _distances(self._centres[cid], c.keys) > half
+        c.radius = min(c.radius, half)
+        c.floor = min(c.floor, c.radius)
+        outside = _distances(self._centres[cid], c.keys) > c.radius
         self._remove_members(cid, outside, forgotten)
         self._create(key[None, :], label, [block], [edit_id], half, half)
 

@@ -97,6 +97,15 @@ def test_conflict_that_forgets_every_member_removes_the_cluster():
     assert c["edit_ids"] == ["e3"] and c["radius"] == pytest.approx(0.8)
 
 
+def test_conflict_never_grows_an_already_halved_cluster():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (1.6, 0.0)], ["a", "b"], ["e1", "e2"])  # both radii 0.8
+    report = _insert(db, [(-1.7, 0.0)], ["c"], ["e3"])  # d = 1.7 <= 0.8 + 1, d/2 = 0.85 > 0.8
+    assert report.actions == ["conflict"] and report.forgotten == []
+    radii = {c["label"]: c["radius"] for c in _clusters(db).values()}
+    assert radii["a"] == pytest.approx(0.8) and radii["c"] == pytest.approx(0.85)
+
+
 def test_later_join_never_regrows_a_halved_cluster_past_its_members():
     db = VectorDB(2, 1.0)
     _insert(db, [(0.0, 0.0)], ["a"], ["e1"])
