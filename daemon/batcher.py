@@ -69,6 +69,15 @@ class MicroBatcher(Generic[T]):
         """Make the next :meth:`due` true even for a partial batch (thread-safe)."""
         self._flush.set()
 
+    def overdue(self) -> bool:
+        """True when the oldest pending item has waited ``max_wait_s`` (safe to call from another thread)."""
+        queue = self._queue
+        try:
+            oldest = queue[0].added_at
+        except IndexError:
+            return False
+        return self._clock() - oldest >= self.max_wait_s
+
     def due(self) -> bool:
         """True when a full batch is waiting, the oldest item waited ``max_wait_s``, or a flush was asked."""
         if not self._queue:
@@ -76,7 +85,7 @@ class MicroBatcher(Generic[T]):
             return False
         if len(self._queue) >= self.max_size or self._flush.is_set():
             return True
-        return self._clock() - self._queue[0].added_at >= self.max_wait_s
+        return self.overdue()
 
     def take(self) -> list[T]:
         """Remove and return the oldest ``max_size`` items (they count as covered from now on)."""

@@ -92,12 +92,12 @@ class FileOutbox:
 
 
 class KafkaOutbox:
-    """Outbox on a kafka-python ``KafkaProducer`` (acks=all, so a flushed record is replicated)."""
+    """Outbox on a kafka-python ``KafkaProducer`` (settings give acks=all: a flushed record is replicated)."""
 
     def __init__(self, producer_kwargs: dict[str, Any]) -> None:
         from kafka import KafkaProducer
 
-        self._producer = KafkaProducer(acks="all", **producer_kwargs)
+        self._producer = KafkaProducer(**producer_kwargs)
         self._futures: list[Any] = []
         self._lock = threading.Lock()
 
@@ -122,7 +122,10 @@ class KafkaOutbox:
 
 
 def _source(record: SourceRecord | None) -> str | None:
-    return None if record is None else f"{record.topic}/{record.partition}/{record.offset}"
+    if record is None:
+        return None
+    stream, partition = record.position
+    return f"{stream}/{partition}/{record.offset}"
 
 
 def _json(payload: dict) -> bytes:

@@ -1,0 +1,356 @@
+"""``melo``: run the daemon, feed it, inspect and steer its snapshots.
+
+    melo run [--config F] [--until-idle]      the writer (Kafka or the embedded spool default)
+    melo produce FILE [--topic T]             JSONL edit events → Kafka (key = each event's model)
+    melo snapshots list | show N | verify [N]
+    melo inspect clusters [--limit K]
+    melo rollback --to N --reason R           new version with N's content
+    melo retract EDIT_ID --reason R           new version without that edit
+    melo serve ...                            HTTP serving (daemon/server.py)
+
+``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
+control event (Kafka control topic, or the spool's control directory) that the running daemon
+executes in stream order; otherwise they take the lease themselves and publish directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from daemon.settings import Settings
+
+log = logging.getLogger("melo")
+
+
+def _load_settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(Path(args.config) if getattr(args, "config", None) else None)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kafka", "apscheduler", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the writer until SIGTERM/SIGINT (or, with --until-idle, until the source is drained)."""
+    from daemon.crash import CrashPoints
+    from daemon.scheduler import start_scheduler
+    from daemon.worker import build_worker
+
+    settings = _load_settings(args)
+    crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
+    started = time.monotonic()
+    worker = build_worker(settings, crash=crash, on_progress=_say)
+    _say(
+        f"melo run: model {settings.model} on backbone {settings.backbone}, source "
+        f"{'kafka ' + ','.join(settings.kafka.bootstrap_servers) if settings.kafka else 'spool ' + str(settings.spool_dir)}, "
+        f"records {'redis' if settings.redis else 'local ' + str(settings.records_dir)}, "
+        f"snapshots {settings.snapshot_root}, device {worker.editors.device}"
+    )
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        _say(f"melo run: {signal.Signals(signum).name} received; stopping after the current step")
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if settings.metrics.enabled:
+        from daemon import metrics
+
+        metrics.start_metrics_server(settings.metrics.host, settings.metrics.port)
+    scheduler = start_scheduler(worker, settings)
+    try:
+        status = worker.run(until_idle=args.until_idle)
+    finally:
+        scheduler.shutdown(wait=False)
+    _print_summary(settings, worker, time.monotonic() - started, args.config)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if worker.training_abandoned:
+        # The abandoned training thread cannot be interrupted; nothing of it was published.
+        os._exit(status)
+    return status
+
+
+def _print_summary(settings: Settings, worker: Any, seconds: float, config_path: str | None) -> None:
+    p = worker.progress
+    stats = worker.editor.stats() if worker.editor is not None else {}
+    root = Path(settings.snapshot_root).resolve()
+    _say("")
+    _say(f"melo run: done in {seconds:.1f}s")
+    _say(f"  events read        {p.events}")
+    _say(f"  edits applied      {p.applied}  (duplicates {p.duplicates}, rejected {p.rejected}, dead-lettered {p.dead_lettered})")
+    _say(f"  versions published {p.versions_published}  (serving version: {worker.version})")
+    _say(
+        f"  blocks {stats.get('blocks', 0)}, clusters {stats.get('clusters', 0)}, conflicts {stats.get('conflicts_total', 0)}, "
+        f"forgotten {stats.get('forgotten_total', 0)}, edits reachable {len(worker.editor.edit_ids()) if worker.editor else 0}"
+    )
+    _say(f"  CURRENT            {root / settings.model / 'CURRENT'}")
+    if settings.kafka is None:
+        _say(f"  receipts / DLQ     {Path(settings.data_dir).resolve() / 'outbox'}")
+    config = f" --config {config_path}" if config_path else ""
+    _say(f"  inspect it         melo snapshots list{config}   ·   melo inspect clusters{config}")
+    _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/generate "
+         "-H 'content-type: application/json' -d '{\"prompts\": [\"What is the product made by UniFirst?\"]}'")
+
+
+# ----------------------------------------------------------------------------- produce
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    """Send every line of a JSONL file to Kafka, keyed by the event's model."""
+    from kafka import KafkaProducer
+
+    settings = _load_settings(args)
+    if settings.kafka is None:
+        _say("melo produce: no [kafka] settings; for the embedded default copy the file into "
+             f"{Path(settings.spool_dir) / 'melo.edits'}/ instead")
+        return 2
+    topic = args.topic or settings.kafka.topics.edits
+    producer = KafkaProducer(**settings.kafka.producer_kwargs())
+    sent = 0
+    with Path(args.file).open("rb") as handle:
+        for line in handle:
+            value = line.rstrip(b"\r\n")
+            if not value.strip():
+                continue
+            try:
+                model = json.loads(value).get("model")
+            except (ValueError, AttributeError):
+                model = None  # malformed lines are sent as-is: the daemon dead-letters them
+            key = model.encode() if isinstance(model, str) else None
+            producer.send(topic, key=key, value=value)
+            sent += 1
+    producer.flush()
+    producer.close()
+    _say(f"melo produce: sent {sent} events from {args.file} to {topic}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- snapshots / inspect
+
+
+def _store(settings: Settings) -> Any:
+    from daemon.snapshot_store_fs import FsSnapshotStore
+
+    return FsSnapshotStore(settings.snapshot_root)
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    """list / show / verify snapshot versions."""
+    settings = _load_settings(args)
+    store = _store(settings)
+    model = settings.model
+    current = store.current(model)
+    if args.action == "list":
+        manifests = store.versions(model)
+        if not manifests:
+            _say(f"no versions of {model} under {settings.snapshot_root}")
+            return 0
+        _say(f"{'':2}{'version':>7} {'kind':8} {'status':7} {'new':>5} {'edits':>6} {'blocks':>6} {'clusters':>8}  created")
+        for m in manifests:
+            mark = "*" if m.version == current else " "
+            _say(f"{mark:2}{m.version:>7} {m.kind:8} {m.status:7} {m.edit_counts['new']:>5} {m.edit_counts['total']:>6} "
+                 f"{m.stats.get('blocks', 0):>6} {m.stats.get('clusters', 0):>8}  {m.created_at}")
+        _say(f"(* = CURRENT, {Path(settings.snapshot_root).resolve() / model / 'CURRENT'})")
+        return 0
+    if args.action == "show":
+        version = args.version if args.version is not None else current
+        if version is None:
+            _say(f"no versions of {model}")
+            return 1
+        _say(json.dumps(store.manifest(model, version).to_dict(), indent=2, sort_keys=True))
+        return 0
+    versions = [args.version] if args.version is not None else [m.version for m in store.versions(model)]
+    bad = 0
+    for version in versions:
+        problems = store.verify(model, version)
+        bad += bool(problems)
+        _say(f"version {version}: {'OK' if not problems else 'BROKEN: ' + '; '.join(problems[:5])}")
+    return 1 if bad else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the cluster table of the serving version."""
+    from daemon.recovery import cluster_records
+
+    settings = _load_settings(args)
+    store = _store(settings)
+    version = store.current(settings.model)
+    if version is None:
+        _say(f"no versions of {settings.model}")
+        return 1
+    clusters = cluster_records(store.load_files(settings.model, version))
+    _say(f"model {settings.model} version {version}: {len(clusters)} clusters")
+    for cluster in clusters[: args.limit]:
+        members = cluster.get("edit_ids") or []  # one entry per member key (prompt or rephrase)
+        edits = sorted(set(map(str, members)))
+        _say(f"  #{cluster.get('id', '?')} radius {float(cluster.get('radius', 0)):.4f} "
+             f"label {str(cluster.get('label', ''))[:40]!r} keys {len(members)} edits {', '.join(edits)[:80]}")
+    if len(clusters) > args.limit:
+        _say(f"  ... {len(clusters) - args.limit} more (--limit)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- rollback / retract
+
+
+def _control_event(settings: Settings, kind: str, reason: str, **fields: Any) -> dict[str, Any]:
+    from daemon.worker import utc_now
+
+    return {"type": kind, "model": settings.model, "request_id": f"cli-{uuid.uuid4().hex[:12]}", "reason": reason,
+            "created_at": utc_now(), **fields}
+
+
+def _send_control(settings: Settings, event: dict[str, Any]) -> str:
+    payload = json.dumps(event).encode()
+    if settings.kafka is not None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(**settings.kafka.producer_kwargs())
+        producer.send(settings.kafka.topics.control, key=settings.model.encode(), value=payload)
+        producer.flush()
+        producer.close()
+        return f"Kafka topic {settings.kafka.topics.control}"
+    folder = Path(settings.spool_dir) / "melo.control"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{event['request_id']}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(payload + b"\n")
+    os.replace(tmp, path)  # the spool reads *.jsonl only: the event appears whole
+    return str(path)
+
+
+def _steer(args: argparse.Namespace, kind: str, **fields: Any) -> int:
+    from daemon.worker import build_records, build_worker
+
+    settings = _load_settings(args)
+    holder = build_records(settings).lease_holder(settings.model)
+    if holder is not None:
+        where = _send_control(settings, _control_event(settings, kind, args.reason, **fields))
+        _say(f"melo {kind}: the running daemon ({holder}) holds the lease; control event written to {where}")
+        return 0
+    worker = build_worker(settings, on_progress=_say)
+    if not worker.start():
+        return 1
+    try:
+        if kind == "rollback":
+            manifest = worker.rollback(fields["to_version"], args.reason, request_id="cli")
+        else:
+            manifest = worker.retract(fields["edit_id"], args.reason, request_id="cli")
+    except ValueError as error:
+        _say(f"melo {kind}: {error}")
+        return 1
+    finally:
+        worker._shutdown()
+    _say(f"melo {kind}: published version {manifest.version} (CURRENT)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Roll back to a version (new version, same content)."""
+    return _steer(args, "rollback", to_version=args.to)
+
+
+def cmd_retract(args: argparse.Namespace) -> int:
+    """Retract one edit (new version without it)."""
+    return _steer(args, "retract", edit_id=args.edit_id)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``melo`` argument parser (subcommands above, plus ``serve``/``eval`` when installed)."""
+    parser = argparse.ArgumentParser(prog="melo", description="Streaming MELO model-editing daemon.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="TOML settings file (MELO_* environment variables override it)")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the writer daemon"))
+    run.add_argument("--until-idle", action="store_true", help="stop once the source is drained and all is published")
+    run.set_defaults(func=cmd_run)
+
+    produce = with_config(sub.add_parser("produce", help="send a JSONL file of events to Kafka"))
+    produce.add_argument("file")
+    produce.add_argument("--topic", help="default: the edits topic from settings")
+    produce.set_defaults(func=cmd_produce)
+
+    snaps = with_config(sub.add_parser("snapshots", help="list / show / verify snapshot versions"))
+    snaps.add_argument("action", choices=["list", "show", "verify"])
+    snaps.add_argument("version", nargs="?", type=int)
+    snaps.set_defaults(func=cmd_snapshots)
+
+    inspect = with_config(sub.add_parser("inspect", help="inspect the serving version"))
+    inspect.add_argument("what", choices=["clusters"])
+    inspect.add_argument("--limit", type=int, default=20)
+    inspect.set_defaults(func=cmd_inspect)
+
+    rollback = with_config(sub.add_parser("rollback", help="publish a new version with an old version's content"))
+    rollback.add_argument("--to", type=int, required=True)
+    rollback.add_argument("--reason", required=True)
+    rollback.set_defaults(func=cmd_rollback)
+
+    retract = with_config(sub.add_parser("retract", help="publish a new version without one edit"))
+    retract.add_argument("edit_id")
+    retract.add_argument("--reason", required=True)
+    retract.set_defaults(func=cmd_retract)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: Any) -> None:
+    """``serve`` (daemon/server.py) and ``eval`` (bench/quality.py) are owned elsewhere; add them if present."""
+    try:
+        from daemon import server
+    except ImportError:
+        server = None
+    register = getattr(server, "register_cli", None) or getattr(server, "add_serve_command", None)
+    if register is not None:
+        register(sub)
+    try:
+        from bench import quality
+    except ImportError:
+        return
+    if hasattr(quality, "main"):
+        evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py)", add_help=False)
+        evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+        evaluate.set_defaults(func=lambda a: quality.main(a.rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,806 @@
+"""The writer loop of one model: poll → validate → dedupe → micro-batch → train → publish → record →
+announce → commit (DESIGN.md §4).
+
+Order per batch, and why (invariants 1 and 2 of DESIGN.md §5):
+
+1. DLQ records and receipts queued so far are flushed first — the next manifest covers their offsets.
+2. The block trains in a helper thread while the main thread keeps the source alive (Kafka:
+   ``poll()`` with every partition paused, so the consumer is never evicted from its group however
+   long training takes — kafka-python 3 heartbeats from a background thread but leaves the group
+   when ``poll()`` is not called for ``max_poll_interval_ms``).
+3. The snapshot is published (blobs, then an O_EXCL manifest recording the covered source positions,
+   then CURRENT). From here on the batch is durable: a crash replays nothing but the record store.
+4. The record store is committed (one fenced, atomic transaction; retried while Redis is down).
+5. Announcement, receipts and forgotten records are sent and flushed.
+6. Source offsets are committed — only offsets the published manifest covers.
+
+Control events are executed in stream order: the pending batch is published first. ``rollback``
+and ``retract`` are also plain methods (:meth:`Worker.rollback`, :meth:`Worker.retract`) that the
+HTTP admin API calls on the running worker; they take the same lock as the loop, so one writer
+stays one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from daemon import metrics
+from daemon.batcher import MicroBatcher
+from daemon.crash import CrashPoints
+from daemon.errors import Fenced, Retryable, VersionConflict, VersionMoved
+from daemon.publish import Publisher
+from daemon.recovery import (
+    Recovered,
+    applied_by_version,
+    cluster_records,
+    manifest_field,
+    reconcile,
+    recover,
+    retry,
+)
+from daemon.sources import EventSource, Offsets, SourceRecord
+from schemas import InvalidEvent, Limits, parse_control, parse_edit
+from schemas.events import ControlEvent, EditEvent
+
+if TYPE_CHECKING:
+    from daemon.settings import Settings
+
+log = logging.getLogger("melo.worker")
+
+EXIT_OK = 0
+EXIT_LEASE_LOST = 3
+EXIT_BACKEND_DOWN = 4
+
+
+class LeaseLost(RuntimeError):
+    """Another daemon became the writer of this model: stop publishing and consuming."""
+
+
+class BatchAbandoned(RuntimeError):
+    """Shutdown was asked while a block trained; nothing of the batch was published or committed."""
+
+
+class EditorFactory(Protocol):
+    """Builds MeloEditors over the one loaded backbone."""
+
+    base_model: dict[str, Any]  # {"id", "weights_sha256"} recorded in every manifest
+
+    def fresh(self) -> Any:
+        """An editor with no edits, configured by the backbone's preset and the settings overrides."""
+        ...
+
+    def from_files(self, files: dict[str, bytes]) -> Any:
+        """The editor a snapshot's files describe."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Knobs of the loop (filled from Settings by :func:`daemon.cli`)."""
+
+    model: str
+    task: str
+    owner: str
+    batch_max_size: int = 16
+    batch_max_wait_s: float = 5.0
+    lease_ttl_s: float = 30.0
+    retry_deadline_s: float = 300.0
+    poll_timeout_s: float = 0.5
+    poll_max_records: int = 500
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class PendingEdit:
+    """An accepted edit waiting in the micro-batcher."""
+
+    event: EditEvent
+    record: SourceRecord
+
+
+@dataclass
+class Progress:
+    """Running totals for the CLI's summary."""
+
+    events: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    forgotten: int = 0
+    versions_published: int = 0
+    conflicts: int = 0
+    control: int = 0
+
+
+def _to_edit(event: EditEvent) -> Any:
+    from melo_runtime import Edit
+
+    return Edit(edit_id=event.edit_id, prompt=event.prompt, target=event.target, rephrases=tuple(event.rephrases))
+
+
+def _edit_id_of(raw: bytes) -> str | None:
+    """Best-effort edit id of an event that failed validation, so its receipt can name it."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    value = doc.get("edit_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
+
+
+class Worker:
+    """The single writer of one model. Construct, then :meth:`run` (blocks until stopped or idle)."""
+
+    def __init__(
+        self,
+        options: WorkerOptions,
+        *,
+        source: EventSource,
+        snapshots: Any,
+        records: Any,
+        publisher: Publisher,
+        editors: EditorFactory,
+        crash: CrashPoints | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.model = options.model
+        self.source = source
+        self.snapshots = snapshots
+        self.records = records
+        self.publisher = publisher
+        self.editors = editors
+        self.crash = crash or CrashPoints()
+        self.on_progress = on_progress or (lambda line: log.info("%s", line))
+        self.batcher: MicroBatcher[PendingEdit] = MicroBatcher(options.batch_max_size, options.batch_max_wait_s)
+        self.progress = Progress()
+        self.editor: Any = None
+        self.version: int | None = None
+        self.token: int | None = None
+        self.paused = False
+        self._committed: Offsets = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._lease_lost = threading.Event()
+        self._last_renewal = time.monotonic()
+        self._trainer: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def stop(self) -> None:
+        """Ask the loop to finish (signal-safe): pending edits are abandoned, nothing unpublished is committed."""
+        self._stop.set()
+
+    @property
+    def training_abandoned(self) -> bool:
+        """True if a training thread is still running after the loop stopped (the CLI exits without it)."""
+        return self._trainer is not None and self._trainer.is_alive()
+
+    def start(self) -> bool:
+        """Recover (lease, CURRENT, record store, source position); False if stopped while waiting."""
+        self.on_progress(f"model {self.model}: waiting for the writer lease as {self.options.owner}")
+        recovered = recover(
+            self.records,
+            self.snapshots,
+            self.model,
+            self.options.owner,
+            lease_ttl_s=self.options.lease_ttl_s,
+            retry_deadline_s=self.options.retry_deadline_s,
+            stop=self._stop,
+        )
+        if recovered is None:
+            return False
+        self._resume_from(recovered)
+        return True
+
+    def _resume_from(self, recovered: Recovered) -> None:
+        self.token = recovered.token
+        self.version = recovered.version
+        self._last_renewal = time.monotonic()
+        self.editor = self.editors.fresh() if recovered.files is None else self.editors.from_files(recovered.files)
+        self.source.seek(recovered.offsets)
+        self.batcher.reset(recovered.offsets)
+        self._committed = recovered.offsets
+        metrics.LEASE_HELD.labels(model=self.model).set(1)
+        metrics.SNAPSHOT_VERSION.labels(model=self.model).set(self.version or 0)
+        self.refresh_metrics()
+        replay = " (record store replayed)" if recovered.replayed else ""
+        self.on_progress(
+            f"model {self.model}: writer token {self.token}, resuming from version {self.version or 'none'}{replay}"
+        )
+
+    def run(self, *, until_idle: bool = False) -> int:
+        """Recover, then loop until stopped (or, with ``until_idle``, until the source is drained and
+        everything read is published and committed). Returns the process exit status."""
+        try:
+            if not self.start():
+                return EXIT_OK
+            while not self._stop.is_set():
+                if self._lease_lost.is_set():
+                    raise LeaseLost(f"model {self.model}: the writer lease was lost")
+                if self.step() and until_idle:
+                    return EXIT_OK
+            return EXIT_OK
+        except LeaseLost as error:
+            log.error("%s; stopping without publishing", error)
+            metrics.LEASE_HELD.labels(model=self.model).set(0)
+            return EXIT_LEASE_LOST
+        except BatchAbandoned:
+            log.warning("model %s: shutdown during training; the batch was abandoned (not published)", self.model)
+            return EXIT_OK
+        except Retryable as error:
+            log.error("model %s: %s", self.model, error)
+            return EXIT_BACKEND_DOWN
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self.publisher.flush()
+        except Exception as error:  # noqa: BLE001 - shutdown must go on; the records are re-sent after restart
+            log.warning("model %s: could not flush the outbox on shutdown: %s", self.model, error)
+        self.source.close()
+        if self.token is not None and not self._lease_lost.is_set():
+            try:
+                self.records.release_lease(self.model, self.options.owner, self.token)
+            except Exception as error:  # noqa: BLE001 - the lease then simply expires after its TTL
+                log.warning("model %s: could not release the lease (it will expire): %s", self.model, error)
+        metrics.LEASE_HELD.labels(model=self.model).set(0)
+
+    # ----------------------------------------------------------------- one turn of the loop
+
+    def step(self) -> bool:
+        """Poll once and process what is due; True when idle (source drained, nothing pending)."""
+        records = self.source.poll(self.options.poll_timeout_s, self.options.poll_max_records)
+        with self._lock:
+            if records:
+                self.crash.reached("polled")
+                self._handle(records)
+            while self.batcher.due() and not self._stop.is_set():
+                self._process_batch()
+            if records or not self.source.at_end():
+                return False
+            if len(self.batcher):
+                self.batcher.request_flush()  # drained: no reason to wait out max_wait_s
+                return False
+            self._commit_done_records()
+            return True
+
+    def _handle(self, records: Sequence[SourceRecord]) -> None:
+        accepted: list[tuple[EditEvent, SourceRecord]] = []
+        for record in records:
+            self.progress.events += 1
+            metrics.EVENTS_RECEIVED.labels(topic=record.topic).inc()
+            if record.topic == self.source.control_topic:
+                self._enqueue(accepted)
+                accepted = []
+                while len(self.batcher):  # control acts on everything before it in the stream
+                    self.batcher.request_flush()
+                    self._process_batch()
+                self._handle_control(record)
+                continue
+            try:
+                event = parse_edit(record.value, self.options.limits)
+            except InvalidEvent as error:
+                self._reject(record, str(error.reason_code), error.detail, edit_id=_edit_id_of(record.value))
+                continue
+            if event.model != self.model:
+                self.batcher.observe(record)  # another model's event: its own daemon handles it
+                continue
+            if event.task != self.options.task:
+                self._reject(record, "wrong_task", f"task {event.task!r} but model {self.model} edits {self.options.task!r}",
+                             edit_id=event.edit_id)
+                continue
+            accepted.append((event, record))
+        self._enqueue(accepted)
+
+    def _reject(self, record: SourceRecord, reason: str, detail: str, *, edit_id: str | None) -> None:
+        self.publisher.dead_letter(record, reason, detail)
+        if edit_id is not None:
+            self.publisher.receipt(edit_id, "rejected", reason=reason, detail=detail, record=record)
+        self.batcher.observe(record)
+        self.progress.dead_lettered += 1
+        self.progress.rejected += 1
+        metrics.DLQ.labels(reason=reason).inc()
+        metrics.REJECTED.labels(reason=reason).inc()
+
+    def _enqueue(self, accepted: list[tuple[EditEvent, SourceRecord]]) -> None:
+        if not accepted:
+            return
+        ids = [event.edit_id for event, _ in accepted]
+        applied = retry(
+            lambda: set(self.records.applied(self.model, ids)),
+            what="checking applied edit ids in the record store",
+            deadline_s=self.options.retry_deadline_s,
+            stop=self._stop,
+            on_retry=self._log_retry,
+        )
+        for event, record in accepted:
+            if event.edit_id in applied or self.batcher.holds(event.edit_id):
+                self.publisher.receipt(event.edit_id, "duplicate", version=self.version, record=record)
+                self.batcher.observe(record)
+                self.progress.duplicates += 1
+                metrics.DUPLICATES.labels(model=self.model).inc()
+            else:
+                self.batcher.add(PendingEdit(event, record), event.edit_id, record)
+        self.crash.reached("outbox")
+
+    # ----------------------------------------------------------------- batches
+
+    def _process_batch(self) -> None:
+        pending = self.batcher.take()
+        if not pending:
+            return
+        covered = self.batcher.covered()
+        self.publisher.flush()  # DLQ records / receipts before the manifest that covers them
+        results, rejected = self._apply([_to_edit(p.event) for p in pending])
+        self.crash.reached("trained")
+        by_id = {p.event.edit_id: p for p in pending}
+        for edit, detail in rejected:
+            item = by_id[edit.edit_id]
+            self.publisher.dead_letter(item.record, "rejected_by_editor", detail)
+            self.publisher.receipt(edit.edit_id, "rejected", reason="rejected_by_editor", detail=detail, record=item.record)
+            self.progress.rejected += 1
+            self.progress.dead_lettered += 1
+            metrics.DLQ.labels(reason="rejected_by_editor").inc()
+            metrics.REJECTED.labels(reason="rejected_by_editor").inc()
+        if not results:
+            self.publisher.flush()
+            self._commit_source(covered)
+            return
+        applied_ids = [edit_id for result in results for edit_id in result.edit_ids]
+        forgotten = [edit_id for result in results for edit_id in result.forgotten]
+        files = self.editor.export_files()
+        manifest = self._publish(files, kind="edit", edit_ids=applied_ids, offsets=covered)
+        new_version = int(manifest_field(manifest, "version"))
+        self._record(new_version, files, applied_ids=applied_ids, removed_ids=[])
+        for result in results:
+            for edit_id in result.edit_ids:
+                item = by_id[edit_id]
+                learned = result.learned.get(edit_id, True)
+                self.publisher.receipt(
+                    edit_id, "applied", version=new_version, record=item.record,
+                    detail=None if learned else f"not learned within {result.iterations_run} iterations",
+                )
+                created = item.event.created_at
+                if created is not None:
+                    metrics.EDIT_LATENCY.labels(model=self.model).observe(max(time.time() - created.timestamp(), 0.0))
+            metrics.TRAIN_SECONDS.labels(model=self.model).observe(result.seconds)
+            metrics.BATCH_SIZE.labels(model=self.model).observe(len(result.edit_ids))
+            metrics.CONFLICTS.labels(model=self.model).inc(result.conflicts)
+            self.progress.conflicts += result.conflicts
+        for edit_id in forgotten:
+            self.publisher.receipt(edit_id, "forgotten", version=new_version)
+            self.publisher.forgotten(edit_id, new_version, None)
+        self.progress.applied += len(applied_ids)
+        self.progress.forgotten += len(forgotten)
+        metrics.EDITS_APPLIED.labels(model=self.model).inc(len(applied_ids))
+        metrics.FORGOTTEN.labels(model=self.model).inc(len(forgotten))
+        self._announce_and_commit(manifest, covered)
+        stats = self.editor.stats()
+        self.on_progress(
+            f"version {new_version}: +{len(applied_ids)} edits (total {self.progress.applied}), "
+            f"blocks {stats.get('blocks')}, clusters {stats.get('clusters')}, conflicts {stats.get('conflicts_total')}, "
+            f"forgotten {len(forgotten)}, trained in {sum(r.seconds for r in results):.1f}s"
+        )
+
+    def _apply(self, edits: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
+        """Train ``edits``; an edit the editor refuses (ValueError) is isolated by bisection so the
+        valid ones still land (each half becomes its own block)."""
+        try:
+            return [self._train(edits)], []
+        except ValueError as error:
+            if len(edits) == 1:
+                return [], [(edits[0], str(error))]
+        middle = len(edits) // 2
+        left_results, left_rejected = self._apply(edits[:middle])
+        right_results, right_rejected = self._apply(edits[middle:])
+        return left_results + right_results, left_rejected + right_rejected
+
+    def _train(self, edits: list[Any]) -> Any:
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = self.editor.apply_batch(edits)
+            except BaseException as error:  # noqa: BLE001 - re-raised on the loop thread below
+                outcome["error"] = error
+
+        self._trainer = threading.Thread(target=target, name="melo-train", daemon=True)
+        self._trainer.start()
+        while self._trainer.is_alive():
+            if self._stop.is_set():
+                raise BatchAbandoned()
+            self._trainer.join(0.2)
+            self.source.keepalive(0)
+        self._trainer = None
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    # ----------------------------------------------------------------- publishing
+
+    def _publish(
+        self,
+        files: dict[str, bytes],
+        *,
+        kind: str,
+        edit_ids: list[str],
+        offsets: Offsets,
+        extra: dict[str, Any] | None = None,
+    ) -> Any:
+        stats = self.editor.stats()
+        meta: dict[str, Any] = {
+            "base_model": self.editors.base_model,
+            "melo_config": self.editor.config.to_dict(),
+            "edit_counts": {"total": len(self.editor.edit_ids()), "new": len(edit_ids)},
+            "edit_ids": list(edit_ids),
+            "offsets": offsets,
+            "stats": {
+                "blocks": int(stats.get("blocks", 0)),
+                "clusters": int(stats.get("clusters", 0)),
+                "keys": int(stats.get("keys", 0)),
+                "edits": int(stats.get("edits", 0)),
+                "conflicts": int(stats.get("conflicts_total", 0)),
+                "forgotten": int(stats.get("forgotten_total", 0)),
+                "retracted": int(stats.get("retracted_total", 0)),
+            },
+            "kind": kind,
+            "writer": {"owner": self.options.owner, "token": int(self.token or 0)},
+        }
+        meta.update(extra or {})
+        self.crash.reached("blobs")
+        started = time.perf_counter()
+        try:
+            manifest = self.snapshots.publish(self.model, files, parent=self.version, meta=meta)
+        except VersionConflict as error:
+            metrics.PUBLISH_FAILURES.labels(model=self.model).inc()
+            self._lease_lost.set()
+            raise LeaseLost(f"model {self.model}: another writer published version {(self.version or 0) + 1}") from error
+        metrics.PUBLISH_SECONDS.labels(model=self.model).observe(time.perf_counter() - started)
+        self.crash.reached("published")
+        self.progress.versions_published += 1
+        return manifest
+
+    def _record(self, new_version: int, files: dict[str, bytes], *, applied_ids: list[str], removed_ids: list[str]) -> None:
+        expected = self.version or 0
+        try:
+            retry(
+                lambda: self.records.commit_version(
+                    self.model, self.token, expected, new_version,
+                    applied_ids=applied_ids, clusters=cluster_records(files), removed_ids=removed_ids,
+                ),
+                what=f"committing version {new_version} to the record store",
+                deadline_s=self.options.retry_deadline_s,
+                stop=self._stop,
+                on_retry=self._log_retry,
+            )
+        except (Fenced, VersionMoved) as error:
+            self._resync(new_version, files, error)
+        self.version = new_version
+        self.crash.reached("recorded")
+        metrics.SNAPSHOT_VERSION.labels(model=self.model).set(new_version)
+        metrics.LAST_COMMIT.labels(model=self.model).set(time.time())
+
+    def _resync(self, new_version: int, files: dict[str, bytes], cause: Exception) -> None:
+        """The record store refused our commit after the snapshot was published (our lease expired
+        while Redis was down, or the store restarted behind us): take the lease again and let
+        recovery's reconcile bring the store up to the published version."""
+        log.warning("model %s: record store refused version %s (%s); re-acquiring the lease", self.model, new_version, cause)
+        token = retry(
+            lambda: self.records.acquire_lease(self.model, self.options.owner, self.options.lease_ttl_s),
+            what="re-acquiring the writer lease", deadline_s=self.options.retry_deadline_s, stop=self._stop,
+        )
+        if token is None or self.snapshots.current(self.model) != new_version:
+            self._lease_lost.set()
+            raise LeaseLost(f"model {self.model}: another daemon holds the lease now") from cause
+        self.token = int(token)
+        self._last_renewal = time.monotonic()
+        reconcile(self.records, self.snapshots, self.model, self.token, new_version, files,
+                  retry_deadline_s=self.options.retry_deadline_s, stop=self._stop)
+
+    def _announce_and_commit(self, manifest: Any, covered: Offsets) -> None:
+        self.publisher.announce(manifest if isinstance(manifest, dict) else _manifest_dict(manifest))
+        self.publisher.flush()
+        self.crash.reached("announced")
+        self._commit_source(covered)
+        self.refresh_metrics()
+
+    def _commit_source(self, offsets: Offsets) -> None:
+        if offsets and offsets != self._committed:
+            self.source.commit(offsets)
+            self._committed = offsets
+            self.crash.reached("committed")
+
+    def _commit_done_records(self) -> None:
+        """Idle: commit positions of records that needed no version (duplicates, DLQ) once their
+        receipts / DLQ records are durable."""
+        covered = self.batcher.covered()
+        if covered != self._committed:
+            self.publisher.flush()
+            self._commit_source(covered)
+
+    def _log_retry(self, error: Exception, waited: float) -> None:
+        log.warning("model %s: %s — retrying (%.1fs so far)", self.model, error, waited)
+
+    # ----------------------------------------------------------------- control
+
+    def _handle_control(self, record: SourceRecord) -> None:
+        try:
+            event = parse_control(record.value, self.options.limits)
+        except InvalidEvent as error:
+            self._reject(record, str(error.reason_code), error.detail, edit_id=None)
+            return
+        if event.model != self.model:
+            self.batcher.observe(record)
+            return
+        self.progress.control += 1
+        self.batcher.observe(record)
+        try:
+            self.apply_control(event, record=record)
+        except ValueError as error:
+            self.publisher.dead_letter(record, "control_failed", str(error))
+            metrics.DLQ.labels(reason="control_failed").inc()
+            self.progress.dead_lettered += 1
+        self.crash.reached("control")
+
+    def apply_control(self, event: ControlEvent, *, record: SourceRecord | None = None) -> Any:
+        """Execute one control event; returns the new manifest for rollback / retract, else None."""
+        if event.type == "pause":
+            self.source.pause()
+            self.paused = True
+            self.on_progress(f"model {self.model}: paused ({event.reason})")
+            return None
+        if event.type == "resume":
+            self.source.resume()
+            self.paused = False
+            self.on_progress(f"model {self.model}: resumed ({event.reason})")
+            return None
+        if event.type == "rollback":
+            assert event.to_version is not None
+            return self.rollback(event.to_version, event.reason, request_id=event.request_id)
+        assert event.edit_id is not None
+        return self.retract(event.edit_id, event.reason, request_id=event.request_id)
+
+    def rollback(self, to_version: int, reason: str, *, request_id: str | None = None, monitor: bool = False) -> Any:
+        """Publish a new version whose content is ``to_version``'s files; the writer continues from it.
+        Receipts mark every edit it undoes ``rolled_back``. Raises ValueError for an unknown version."""
+        with self._lock:
+            known = {int(manifest_field(m, "version")) for m in self.snapshots.versions(self.model)}
+            if to_version not in known:
+                raise ValueError(f"cannot roll back {self.model} to version {to_version}: known versions {sorted(known)}")
+            files = self.snapshots.load_files(self.model, to_version)
+            restored = self.editors.from_files(files)
+            undone = sorted(self.editor.edit_ids() - restored.edit_ids())
+            before = applied_by_version(self.snapshots, self.model, self.version)
+            after = applied_by_version(self.snapshots, self.model, to_version)
+            covered = self.batcher.covered()
+            self.crash.reached("blobs")
+            try:
+                manifest = self.snapshots.restore(
+                    self.model, to_version, parent=self.version,
+                    meta={"offsets": covered, "writer": {"owner": self.options.owner, "token": int(self.token or 0)},
+                          "request_id": request_id, "reason": reason},
+                )
+            except VersionConflict as error:
+                self._lease_lost.set()
+                raise LeaseLost(f"model {self.model}: another writer published version {(self.version or 0) + 1}") from error
+            self.crash.reached("published")
+            self.progress.versions_published += 1
+            self.editor = restored
+            new_version = int(manifest_field(manifest, "version"))
+            self._record(new_version, files, applied_ids=sorted(after - before), removed_ids=sorted(before - after))
+            for edit_id in undone:
+                self.publisher.receipt(edit_id, "rolled_back", version=new_version, reason="rollback", detail=reason)
+            metrics.ROLLBACKS.labels(model=self.model, reason="monitor" if monitor else "manual").inc()
+            self._announce_and_commit(manifest, covered)
+            self.on_progress(f"version {new_version}: rollback to version {to_version} ({reason}); {len(undone)} edits undone")
+            return manifest
+
+    def retract(self, edit_id: str, reason: str, *, request_id: str | None = None) -> Any:
+        """Publish a new version without ``edit_id`` (its inputs get the base output again).
+        Raises ValueError if the edit is not reachable in the current version."""
+        with self._lock:
+            if edit_id not in self.editor.edit_ids():
+                raise ValueError(f"edit {edit_id!r} is not in version {self.version} of {self.model}: nothing to retract")
+            candidate = self.editors.from_files(self.editor.export_files())
+            candidate.retract(edit_id)
+            previous, self.editor = self.editor, candidate
+            covered = self.batcher.covered()
+            files = candidate.export_files()
+            try:
+                manifest = self._publish(files, kind="retract", edit_ids=[], offsets=covered,
+                                         extra={"request_id": request_id, "reason": reason})
+            except BaseException:
+                self.editor = previous
+                raise
+            new_version = int(manifest_field(manifest, "version"))
+            self._record(new_version, files, applied_ids=[], removed_ids=[])
+            self.publisher.receipt(edit_id, "retracted", version=new_version, reason="retract", detail=reason)
+            metrics.RETRACTED.labels(model=self.model).inc()
+            self._announce_and_commit(manifest, covered)
+            self.on_progress(f"version {new_version}: retracted {edit_id} ({reason})")
+            return manifest
+
+    # ----------------------------------------------------------------- scheduler jobs
+
+    def request_flush(self) -> None:
+        """Scheduler job: train an overdue partial batch at the next turn of the loop."""
+        if self.batcher.overdue():
+            self.batcher.request_flush()
+
+    def renew_lease(self) -> None:
+        """Scheduler job: renew the writer lease; losing it stops the loop (exit status 3)."""
+        if self.token is None or self._lease_lost.is_set():
+            return
+        try:
+            held = self.records.renew_lease(self.model, self.options.owner, self.token, self.options.lease_ttl_s)
+        except Retryable as error:
+            # Redis down: the loop's own retries decide; the lease is lost only once it could have expired.
+            if time.monotonic() - self._last_renewal > self.options.lease_ttl_s:
+                log.warning("model %s: lease not renewed for a whole TTL (%s)", self.model, error)
+            return
+        if held:
+            self._last_renewal = time.monotonic()
+            metrics.LEASE_HELD.labels(model=self.model).set(1)
+        else:
+            log.error("model %s: lease renewal refused: another daemon is the writer", self.model)
+            metrics.LEASE_HELD.labels(model=self.model).set(0)
+            self._lease_lost.set()
+
+    def retain(self, keep_last: int, keep_statuses: frozenset[str]) -> None:
+        """Scheduler job: delete old versions, under the loop's lock so no publish races the blob sweep."""
+        with self._lock:
+            removed = self.snapshots.retain(self.model, keep_last, keep_statuses)
+        if removed:
+            log.info("model %s: retention removed %s", self.model, removed)
+
+    def refresh_metrics(self) -> None:
+        """Scheduler job (and after each publish): gauges from the editor's current stats."""
+        editor = self.editor
+        if editor is None:
+            return
+        stats = editor.stats()
+        metrics.BLOCKS.labels(model=self.model).set(stats.get("blocks", 0))
+        metrics.CLUSTERS.labels(model=self.model).set(stats.get("clusters", 0))
+
+
+def _manifest_dict(manifest: Any) -> dict[str, Any]:
+    if hasattr(manifest, "to_dict"):
+        return manifest.to_dict()
+    return {name: manifest_field(manifest, name) for name in ("version", "parent", "kind", "created_at", "edit_ids", "stats")}
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp (for control events the CLI writes)."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- wiring from Settings
+
+
+class BackboneEditors:
+    """:class:`EditorFactory` over one backbone loaded once (on the GPU when settings.device allows)."""
+
+    def __init__(self, backbone: str, *, task: str, labels: list[str], device: str, overrides: dict[str, Any]) -> None:
+        import torch
+
+        from melo_runtime.backbones import load_backbone
+        from melo_runtime.pretrained import backbone_fingerprint
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.task = task
+        self.overrides = dict(overrides)
+        self.model, self.tokenizer = load_backbone(backbone, labels=labels or None)
+        self.model.to(device)
+        self.model.eval()
+        self.base_model = {"id": backbone, "weights_sha256": backbone_fingerprint(self.model)}
+
+    def fresh(self) -> Any:
+        """An empty editor: the backbone's preset with ``settings.melo`` overrides on top."""
+        from melo_runtime import MeloConfig, MeloEditor
+
+        preset = MeloConfig.for_model(self.model, self.task).to_dict()
+        unknown = set(self.overrides) - set(preset)
+        if unknown:
+            raise ValueError(f"unknown [melo] settings {sorted(unknown)}: MeloConfig fields are {sorted(preset)}")
+        return MeloEditor(self.model, self.tokenizer, MeloConfig.from_dict(preset | self.overrides))
+
+    def from_files(self, files: dict[str, bytes]) -> Any:
+        """The editor a snapshot describes (its own config, whatever the settings say now)."""
+        from melo_runtime import MeloEditor
+
+        return MeloEditor.from_files(files, self.model, self.tokenizer)
+
+
+def topic_names(settings: Settings) -> dict[str, str]:
+    """Topic (or spool sub-directory / outbox file) names from settings."""
+    from daemon.settings import TopicsSettings
+
+    topics = settings.kafka.topics if settings.kafka is not None else TopicsSettings()
+    return topics.model_dump()
+
+
+def build_records(settings: Settings) -> Any:
+    """The record store: Redis when configured, else the local store next to the snapshots."""
+    if settings.redis is not None:
+        from daemon.records_redis import RedisRecordStore
+
+        return RedisRecordStore(settings.redis.client())
+    from daemon.records_local import LocalRecordStore
+
+    return LocalRecordStore(settings.records_dir)
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    crash: CrashPoints | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Worker:
+    """Assemble a worker from settings: Kafka or spool source, Redis or local records, filesystem
+    snapshots, Kafka or file outbox, the configured backbone."""
+    import os
+    import socket
+
+    from daemon.publish import FileOutbox, KafkaOutbox
+    from daemon.snapshot_store_fs import FsSnapshotStore
+
+    topics = topic_names(settings)
+    data_dir = Path(settings.data_dir)
+    source: EventSource
+    if settings.kafka is not None:
+        from daemon.source_kafka import KafkaSource
+
+        source = KafkaSource(settings.kafka.consumer_kwargs(), edits_topic=topics["edits"], control_topic=topics["control"])
+        outbox: Any = KafkaOutbox(settings.kafka.producer_kwargs())
+    else:
+        from daemon.source_spool import SpoolSource
+
+        source = SpoolSource(
+            Path(settings.spool_dir),
+            data_dir / "spool-offsets" / f"{settings.model}.json",
+            edits_topic=topics["edits"],
+            control_topic=topics["control"],
+        )
+        outbox = FileOutbox(data_dir / "outbox")
+    ttl = settings.redis.lease_ttl_s if settings.redis is not None else 30.0
+    retry_s = settings.redis.retry_deadline_s if settings.redis is not None else 300.0
+    options = WorkerOptions(
+        model=settings.model,
+        task=settings.task,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        batch_max_size=settings.batch.max_size,
+        batch_max_wait_s=settings.batch.max_wait_s,
+        lease_ttl_s=ttl,
+        retry_deadline_s=retry_s,
+        limits=settings.limits.to_limits(),
+    )
+    editors = BackboneEditors(
+        settings.backbone or settings.model,
+        task=settings.task,
+        labels=list(settings.labels),
+        device=settings.device,
+        overrides=settings.melo,
+    )
+    return Worker(
+        options,
+        source=source,
+        snapshots=FsSnapshotStore(settings.snapshot_root),
+        records=build_records(settings),
+        publisher=Publisher(outbox, settings.model, topics, binary_dlq=settings.kafka is not None),
+        editors=editors,
+        crash=crash,
+        on_progress=on_progress,
+    )
