@@ -408,15 +408,6 @@ class AnnouncementListener:
                 self.follower.nudge()
 
 
-def _metrics_on_swap(model: str) -> Callable[[LoadedVersion], None]:
-    def on_swap(loaded: LoadedVersion) -> None:
-        metrics.SERVING_READY.labels(model=model).set(1)
-        metrics.SERVING_VERSION.labels(model=model).set(loaded.version)
-        metrics.SWAPS.labels(model=model).inc()
-
-    return on_swap
-
-
 def build_app(settings: Settings) -> FastAPI:
     """Everything `melo serve` runs: backbone (loaded once), snapshot store, follower, control path."""
     from melo_runtime.backbones import load_backbone
@@ -429,11 +420,7 @@ def build_app(settings: Settings) -> FastAPI:
     labels = settings.labels if settings.task == "classify" else None
     model, tokenizer = load_backbone(settings.backbone, labels=labels)
     store = FsSnapshotStore(settings.snapshot_root)
-    metrics.SERVING_READY.labels(model=settings.model).set(0)
-    state = ServingState(
-        store, settings.model, model, tokenizer,
-        weights_sha256=backbone_fingerprint(model), on_swap=_metrics_on_swap(settings.model),
-    )
+    state = ServingState(store, settings.model, model, tokenizer, weights_sha256=backbone_fingerprint(model))
     follower = CurrentFollower(state, settings.serve.poll_s)
     history = VersionHistory(state)
     services: list[Service] = [follower]

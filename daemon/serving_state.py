@@ -24,6 +24,7 @@ from typing import Any
 
 from melo_runtime import MeloEditor
 
+from daemon import metrics
 from daemon.snapshots import Manifest, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -58,22 +59,22 @@ class ServingState:
         tokenizer: Any,
         *,
         weights_sha256: str | None = None,
-        on_swap: Callable[[LoadedVersion], None] | None = None,
     ) -> None:
         """Serve ``model_name`` from ``store`` on the already loaded ``model``/``tokenizer``.
 
         ``weights_sha256`` (``backbone_fingerprint(model)``), when given, must match the manifest's
         ``base_model.weights_sha256`` or the version is refused: adapters trained on other weights
-        would silently answer wrong. ``on_swap`` runs after each swap (metrics, logs).
+        would silently answer wrong. Swaps are counted in ``melo_swaps_total`` and shown in
+        ``melo_serving_ready`` / ``melo_serving_version``.
         """
         self.store = store
         self.model_name = model_name
         self.model = model
         self.tokenizer = tokenizer
         self.weights_sha256 = weights_sha256
-        self._on_swap = on_swap
         self._current: LoadedVersion | None = None
         self._load_lock = threading.Lock()
+        metrics.SERVING_READY.labels(model=model_name).set(0)
 
     @property
     def ready(self) -> bool:
@@ -116,8 +117,9 @@ class ServingState:
             loaded = self.load(version)
             self._current = loaded  # the one atomic step: readers see the old or the new version
         log.info("serving %s version %d", self.model_name, version)
-        if self._on_swap is not None:
-            self._on_swap(loaded)
+        metrics.SERVING_READY.labels(model=self.model_name).set(1)
+        metrics.SERVING_VERSION.labels(model=self.model_name).set(version)
+        metrics.SWAPS.labels(model=self.model_name).inc()
         return loaded
 
     def refresh(self) -> bool:
