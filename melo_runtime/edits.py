@@ -1,0 +1,56 @@
+"""The values that cross the editor's boundary: an edit in, a batch result and a route out."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edit: for ``prompt`` (and each of ``rephrases``) the right output is now ``target``.
+
+    ``target`` is the new continuation text for generation, a label name for classification.
+    """
+
+    edit_id: str
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchResult:
+    """What ``apply_batch`` did with one micro-batch of edits."""
+
+    block_id: int
+    edit_ids: list[str]
+    clusters_added: int
+    clusters_expanded: int
+    conflicts: int
+    forgotten: list[str]  # edit ids whose every key was forgotten in this batch
+    learned: dict[str, bool]  # per edit id: its prompt and rephrases reproduce the target
+    seconds: float
+    iterations_run: int
+    final_loss: float
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an input is routed: the block switched on for it, its cluster and the distance to its centre."""
+
+    block: int
+    cluster: int
+    distance: float
+
+
+def normalize_label(text: str) -> str:
+    """The form in which targets are compared: Unicode NFC, stripped, whitespace runs collapsed.
+
+    Two edits carry the same label exactly when their normalized targets are equal (never by sums of
+    token ids, which collide).
+    """
+    return _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip()

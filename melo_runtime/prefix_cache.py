@@ -1,0 +1,41 @@
+"""Run the frozen layers below the first LoRA layer once per training batch, then replay them.
+
+Training block t changes nothing below the first LoRA layer, so recomputing those layers on every
+iteration (as the official code does) is wasted work. Each frozen layer's ``forward`` is wrapped once,
+at attach time, by :func:`install_prefix_replay`. The wrapper is inert unless the current call carries
+a :class:`~melo_runtime.routing.PrefixCache` naming the layer: then the first pass records the
+layer's output and later passes return the recording without running the layer. Module names and
+structure never change, so concurrent inference on the same model is unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from melo_runtime.routing import current_state
+
+_ORIGINAL = "_melo_original_forward"
+
+
+def install_prefix_replay(layer: nn.Module) -> None:
+    """Wrap ``layer.forward`` so it can record/replay its output (idempotent)."""
+    if _ORIGINAL in layer.__dict__:
+        return
+    original = layer.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        state = current_state()
+        cache = state.prefix if state is not None else None
+        if cache is None or id(layer) not in cache.layer_ids:
+            return original(*args, **kwargs)
+        if cache.replaying:
+            return cache.outputs[id(layer)]
+        output = original(*args, **kwargs)
+        cache.outputs[id(layer)] = output
+        return output
+
+    # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up per call.
+    setattr(layer, _ORIGINAL, original)
+    layer.forward = forward

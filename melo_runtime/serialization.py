@@ -1,0 +1,130 @@
+"""Editor state <-> files: safetensors and JSON only, never pickle.
+
+Layout (``docs/contracts.md``)::
+
+    config.json                   MeloConfig.to_dict()
+    index.json                    format, block count, layer shapes, the vector DB's cluster records
+    keys.safetensors              the vector DB's arrays (member keys, centres, HNSW graph bytes)
+    blocks/<block:06d>.safetensors  one trained block: "<layer>.A" [p, d_in], "<layer>.B" [d_out, p]
+
+A block file is written from the block's own tensors only, so it is byte-identical in every later
+export and a content-addressed store keeps one copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+from melo_runtime.block_lora import BlockFactors
+from melo_runtime.config import MeloConfig
+from melo_runtime.vectordb import VectorDB
+
+FORMAT = "melo.editor/1"
+CONFIG_FILE, INDEX_FILE, KEYS_FILE = "config.json", "index.json", "keys.safetensors"
+
+
+def block_file(block_id: int) -> str:
+    """File name of one block, e.g. ``blocks/000003.safetensors``."""
+    return f"blocks/{block_id:06d}.safetensors"
+
+
+@dataclass
+class EditorState:
+    """What an editor is made of, apart from the model it edits."""
+
+    config: MeloConfig
+    layer_shapes: dict[str, tuple[int, int]]  # layer -> (d_in, d_out)
+    blocks: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # per block id: layer -> (A, B)
+    db: VectorDB
+
+
+def export_files(config: MeloConfig, factors: Mapping[str, BlockFactors], db: VectorDB) -> dict[str, bytes]:
+    """Serialize an editor to ``{file name: bytes}``."""
+    counts = {layer.count for layer in factors.values()}
+    if len(counts) != 1:
+        raise RuntimeError(f"layers disagree on the number of blocks: {sorted(counts)}")
+    n_blocks = counts.pop()
+    db_state, db_arrays = db_to_state(db)
+    index = {
+        "format": FORMAT,
+        "blocks": n_blocks,
+        "layers": {name: [layer.d_in, layer.d_out] for name, layer in factors.items()},
+        "db": db_state,
+    }
+    files = {
+        CONFIG_FILE: _json_bytes(config.to_dict()),
+        INDEX_FILE: _json_bytes(index),
+        KEYS_FILE: safetensors.numpy.save({name: np.ascontiguousarray(a) for name, a in db_arrays.items()}),
+    }
+    for block_id in range(n_blocks):
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in factors.items():
+            tensors[f"{name}.A"] = layer.a[block_id].detach().cpu().contiguous().clone()
+            tensors[f"{name}.B"] = layer.b[block_id].detach().cpu().contiguous().clone()
+        files[block_file(block_id)] = safetensors.torch.save(tensors)
+    return files
+
+
+def db_to_state(db: VectorDB) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``db.to_state()``, leaving out the HNSW graph when no cluster exists.
+
+    An empty graph routes nothing either way, and VectorDB.from_state cannot grow a reloaded empty
+    hnswlib graph (capacity 0), so it must rebuild one instead.
+    """
+    return db.to_state(include_index=db.stats()["clusters"] > 0)
+
+
+def copy_db(db: VectorDB) -> VectorDB:
+    """An independent copy of ``db`` that routes exactly like it."""
+    return VectorDB.from_state(*db_to_state(db))
+
+
+def read_files(files: Mapping[str, bytes]) -> EditorState:
+    """Parse files written by :func:`export_files`; ValueError naming a missing or malformed file."""
+    for required in (CONFIG_FILE, INDEX_FILE, KEYS_FILE):
+        if required not in files:
+            raise ValueError(f"editor files lack {required!r}; got {sorted(files)}")
+    config = MeloConfig.from_dict(_json(files, CONFIG_FILE))
+    index = _json(files, INDEX_FILE)
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{INDEX_FILE} has format {index.get('format')!r}; this runtime reads {FORMAT!r}")
+    shapes = {name: (int(d_in), int(d_out)) for name, (d_in, d_out) in index["layers"].items()}
+    if sorted(shapes) != sorted(config.target_modules):
+        raise ValueError(f"{INDEX_FILE} layers {sorted(shapes)} differ from config target_modules")
+    blocks = []
+    for block_id in range(int(index["blocks"])):
+        name = block_file(block_id)
+        if name not in files:
+            raise ValueError(f"editor files lack {name!r} (index.json lists {index['blocks']} blocks)")
+        tensors = safetensors.torch.load(files[name])
+        block = {}
+        for layer, (d_in, d_out) in shapes.items():
+            a, b = tensors.get(f"{layer}.A"), tensors.get(f"{layer}.B")
+            expected = ((config.rank_per_block, d_in), (d_out, config.rank_per_block))
+            if a is None or b is None or (tuple(a.shape), tuple(b.shape)) != expected:
+                raise ValueError(f"{name} lacks {layer}.A/.B of shapes {expected}")
+            block[layer] = (a, b)
+        blocks.append(block)
+    arrays = safetensors.numpy.load(files[KEYS_FILE])
+    db = VectorDB.from_state(index["db"], arrays)
+    return EditorState(config=config, layer_shapes=shapes, blocks=blocks, db=db)
+
+
+def _json_bytes(data: Any) -> bytes:
+    # Sorted keys and fixed separators: equal content gives equal bytes, hence equal hashes.
+    return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False).encode("utf-8")
+
+
+def _json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
+    try:
+        return json.loads(files[name].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{name} is not valid UTF-8 JSON: {error}") from error
