@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -63,8 +64,13 @@ def test_minilm_classifier_keeps_pretrained_encoder_and_gets_a_seeded_head():
 
 @pytest.fixture(scope="module")
 def smollm2_cache(tmp_path_factory):
-    """A cache directory of this module's own, so the first load must build it from the GGUF file."""
-    return tmp_path_factory.mktemp("smollm2-cache")
+    """A cache directory of this module's own, so the first load must build it from the GGUF file.
+
+    Removed afterwards: pytest keeps recent temp dirs, and each copy is ~520 MB.
+    """
+    path = tmp_path_factory.mktemp("smollm2-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
