@@ -280,8 +280,12 @@ def cmd_retract(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``melo`` argument parser (subcommands above, plus ``serve``/``eval`` when installed)."""
+CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract")
+
+
+def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
+    """The ``melo`` argument parser (subcommands above, plus ``serve``/``eval`` when ``optional``:
+    importing them costs seconds, so ``main`` skips them for the core commands)."""
     parser = argparse.ArgumentParser(prog="melo", description="Streaming MELO model-editing daemon.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     retract.add_argument("--reason", required=True)
     retract.set_defaults(func=cmd_retract)
 
-    _register_optional(sub)
+    if optional:
+        _register_optional(sub)
     return parser
 
 
@@ -346,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    core = any(word in CORE_COMMANDS for word in words[:2])
+    args = build_parser(optional=not core).parse_args(argv)
     _configure_logging(args.verbose)
     return int(args.func(args) or 0)
 

@@ -28,6 +28,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from daemon.sources import Offsets, SourceRecord
 
 log = logging.getLogger("melo.source.kafka")
+_IDLE_POLLS = 3  # consecutive empty polls that count as "drained" for --until-idle
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
@@ -54,7 +55,7 @@ class KafkaSource:
         self._read: Offsets = {}  # positions after the last record this process delivered
         self._committed: Offsets = {}
         self._paused = False
-        self._at_end = False
+        self._empty_polls = 0
 
     # -- positions
 
@@ -117,7 +118,7 @@ class KafkaSource:
                 )
             if items:
                 self._read.setdefault(tp.topic, {})[str(tp.partition)] = items[-1].offset + 1
-        self._at_end = not records
+        self._empty_polls = 0 if records else self._empty_polls + 1
         return records
 
     def keepalive(self, timeout_s: float) -> None:
@@ -136,8 +137,13 @@ class KafkaSource:
             self._pause_edits()
 
     def at_end(self) -> bool:
-        """True when the last poll returned nothing (the broker had nothing new for us)."""
-        return self._at_end
+        """True once partitions are assigned and the last few polls returned nothing (before the
+        group assigns partitions every poll is empty, which says nothing about the topic)."""
+        return (
+            self._consumer is not None
+            and bool(self._consumer.assignment())
+            and self._empty_polls >= _IDLE_POLLS
+        )
 
     # -- committing
 

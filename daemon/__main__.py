@@ -1,0 +1,7 @@
+"""``python -m daemon ...`` is ``melo ...`` (see daemon/cli.py)."""
+
+import sys
+
+from daemon.cli import main
+
+sys.exit(main())
