@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from melo_runtime import MeloConfig, MeloEditor
 
 from daemon import metrics
 from daemon.serving_state import ServingState
-from daemon.settings import MonitorSettings
+from daemon.settings import MonitorSettings, Settings
 from daemon.snapshots import Manifest
 from schemas.events import EditEvent
 
@@ -364,3 +365,19 @@ class Monitor:
 
 def _format_scores(report: ProbeReport) -> str:
     return ", ".join(f"{name} {value:.3f}" for name, value in report.scores.items() if value is not None) or "no probes"
+
+
+def monitor_for_worker(worker: Any, settings: Settings) -> Monitor:
+    """The writer's monitor: probes on the writer's own backbone, rollbacks through the writer.
+
+    Wire it in ``melo run``: ``monitor.schedule(scheduler)`` for the periodic check, and
+    ``monitor.after_publish(manifest, events)`` after each edit version the worker publishes.
+    Probes persist in ``<data_dir>/monitor/<model>.probes.json``.
+    """
+    state = ServingState(worker.snapshots, worker.model, worker.editors.model, worker.editors.tokenizer)
+    probes = ProbeBook(Path(settings.data_dir) / "monitor" / f"{settings.model}.probes.json")
+
+    def rollback(to_version: int, reason: str) -> int:
+        return int(worker.rollback(to_version, reason, request_id=f"monitor-{uuid.uuid4().hex[:12]}", monitor=True).version)
+
+    return Monitor(state, settings.monitor, probes, rollback=rollback)

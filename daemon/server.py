@@ -421,6 +421,7 @@ def build_app(settings: Settings) -> FastAPI:
     model, tokenizer = load_backbone(settings.backbone, labels=labels)
     store = FsSnapshotStore(settings.snapshot_root)
     state = ServingState(store, settings.model, model, tokenizer, weights_sha256=backbone_fingerprint(model))
+    metrics.SERVING_READY.labels(model=settings.model).set(0)
     follower = CurrentFollower(state, settings.serve.poll_s)
     history = VersionHistory(state)
     services: list[Service] = [follower]
@@ -451,7 +452,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (MELO_* variables override it)")
     parser.add_argument("--host", default=None, help="interface to bind (default: serve.host)")
     parser.add_argument("--port", type=int, default=None, help="port to bind (default: serve.port)")
-    parser.set_defaults(handler=_serve_command)
+    parser.set_defaults(func=_serve_command)
 
 
 def _serve_command(args: argparse.Namespace) -> int:

@@ -74,7 +74,6 @@ class ServingState:
         self.weights_sha256 = weights_sha256
         self._current: LoadedVersion | None = None
         self._load_lock = threading.Lock()
-        metrics.SERVING_READY.labels(model=model_name).set(0)
 
     @property
     def ready(self) -> bool:

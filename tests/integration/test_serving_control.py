@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from daemon import metrics
 from daemon.control_ops import ChannelControl, control_sender
-from daemon.monitor import Monitor, ProbeBook
+from daemon.monitor import monitor_for_worker
 from daemon.server import create_app
 from daemon.serving_state import CurrentFollower, ServingState, VersionHistory
 from daemon.settings import MonitorSettings, Settings
@@ -156,13 +156,11 @@ def test_retracted_edit_gets_the_base_output_and_other_edits_are_unaffected(writ
     assert any(r["edit_id"] == "car" and r["status"] == "retracted" for r in writer.receipts())
 
 
-def test_monitor_rolls_back_a_harmful_batch_within_one_cycle(writer: Writer, tmp_path: Path):
-    model, tokenizer = load_backbone(MODEL)
+def test_monitor_rolls_back_a_harmful_batch_within_one_cycle(writer: Writer):
     store = writer.worker.snapshots
-    state = ServingState(store, MODEL, model, tokenizer)
     settings = MonitorSettings(interval_s=2.0, locality_min=0.9, edits_min=0.9, auto_rollback=True)
-    monitor = Monitor(state, settings, ProbeBook(tmp_path / "probes.json"),
-                      rollback=lambda to, reason: writer.worker.rollback(to, reason, monitor=True).version)
+    # The writer's own monitor: probes on its backbone, rollbacks published by the writer itself.
+    monitor = monitor_for_worker(writer.worker, writer.settings.model_copy(update={"monitor": settings}))
 
     good = [edit_event("sky", "The sky is", " green", locality=tuple(LOCALITY)),
             edit_event("car", "My car is", " fast")]
