@@ -98,8 +98,13 @@ class KafkaSettings(_Section):
         min_length=1,
         description="Brokers as host:port; in the environment a comma-separated list.",
     )
-    group_id: str = Field(
-        "melo-daemon", min_length=1, description="Consumer group: daemons sharing it split the models between them."
+    group_id: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Consumer group; default melo-writer-<model>. One group per model: a writer applies only its own "
+            "model's events and commits past the others, so writers of different models must not share a group."
+        ),
     )
     client_id: str = Field("melo", min_length=1, description="Client id shown in broker logs and quotas.")
     topics: TopicsSettings = Field(default_factory=TopicsSettings, description="Topic names.")
@@ -340,6 +345,8 @@ class Settings(BaseSettings):
         # Derived here, after the sources are merged, so MELO_DATA_DIR also moves the paths under it.
         if self.backbone is None:
             self.backbone = self.model
+        if self.kafka is not None and self.kafka.group_id is None:
+            self.kafka.group_id = f"melo-writer-{self.model}"
         if self.snapshot_root is None:
             self.snapshot_root = self.data_dir / "snapshots"
         if self.records_dir is None:
