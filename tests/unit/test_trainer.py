@@ -1,0 +1,76 @@
+"""Block training: prefix caching changes nothing but speed; early stop; only the new block learns."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from melo_runtime import Edit
+from melo_runtime.trainer import train_block
+
+PROMPTS = ["The capital of France is", "Who wrote Hamlet?"]
+TARGETS = [" Lyon", " Marlowe"]
+
+
+def _train(editor, *, cache_prefix: bool, iterations: int = 8):
+    config = dataclasses.replace(editor.config, iterations=iterations, early_stop=False)
+    if editor.config.task == "classify":
+        data = editor._encoder.teacher_forced(PROMPTS, [1, 0])
+    else:
+        data = editor._encoder.teacher_forced(PROMPTS, TARGETS)
+    return train_block(
+        editor.model,
+        data,
+        editor._factors,
+        editor.blocks,
+        config,
+        key_module=editor._attachment.key_module,
+        prefix_layers=editor._attachment.prefix_layers,
+        cache_prefix=cache_prefix,
+    )
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
+def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputation(make_editor, family):
+    editor = make_editor(family, learnable=True)
+    assert editor._attachment.prefix_layers  # the preset leaves frozen layers below the LoRA layers
+    cached = _train(editor, cache_prefix=True)
+    full = _train(editor, cache_prefix=False)
+    assert len(cached.losses) == len(full.losses) == 9
+    assert torch.allclose(torch.tensor(cached.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    assert cached.losses[-1] < cached.losses[0]
+    for name, (a, b) in cached.factors.items():
+        assert torch.allclose(a, full.factors[name][0], atol=1e-5)
+        assert torch.allclose(b, full.factors[name][1], atol=1e-5)
+
+
+def test_replayed_layers_skip_their_computation(make_editor):
+    editor = make_editor("llama")
+    attention = editor._attachment.prefix_layers[0].self_attn
+    runs = []
+    handle = attention.register_forward_hook(lambda module, args, output: runs.append(1))
+    try:
+        _train(editor, cache_prefix=True, iterations=6)
+        cached_runs = len(runs)
+        runs.clear()
+        _train(editor, cache_prefix=False, iterations=6)
+    finally:
+        handle.remove()
+    assert cached_runs == 1 and len(runs) == 7
+
+
+def test_training_stops_early_once_every_edit_is_learned(make_editor):
+    editor = make_editor("gpt2", learnable=True)
+    result = editor.apply_batch([Edit("a", PROMPTS[0], TARGETS[0])])
+    assert result.learned == {"a": True}
+    assert 0 < result.iterations_run < editor.config.iterations
+    assert editor.score([PROMPTS[0]], [TARGETS[0]]) == [1.0]
+
+
+def test_classifier_training_learns_the_label(make_editor):
+    editor = make_editor("bert")
+    before = editor.classify(PROMPTS)
+    flipped = ["positive" if label == "negative" else "negative" for label in before]
+    result = editor.apply_batch([Edit("a", PROMPTS[0], flipped[0]), Edit("b", PROMPTS[1], flipped[1])])
+    assert result.learned == {"a": True, "b": True}
+    assert editor.classify(PROMPTS) == flipped
