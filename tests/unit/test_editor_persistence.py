@@ -1,0 +1,100 @@
+"""Save -> load gives a bit-identical editor; retract falls back to the base model."""
+
+import json
+
+import pytest
+import safetensors.numpy
+import torch
+
+from melo_runtime import Edit, MeloEditor
+from melo_runtime.tiny import tiny_model
+
+FACTS = [("The capital of France is", " Lyon"), ("Who wrote Hamlet?", " Marlowe")]
+PROMPTS = [FACTS[0][0], FACTS[1][0], "Unrelated text here"]
+
+
+def _edited(make_editor, family="gpt2"):
+    editor = make_editor(family, learnable=True)
+    editor.apply_batch([Edit("a", *FACTS[0])])
+    editor.apply_batch([Edit("b", *FACTS[1])])
+    return editor
+
+
+def _teacher_forced_logits(editor, prompts, targets):
+    prompts, data = editor._teacher_forced(prompts, targets)
+    with torch.no_grad():
+        return editor._routed_logits(prompts, data)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_a_saved_and_loaded_editor_gives_bit_identical_outputs(make_editor, tmp_path, family):
+    editor = _edited(make_editor, family)
+    editor.save(tmp_path)
+    model, tokenizer = tiny_model(family)
+    loaded = MeloEditor.load(tmp_path, model, tokenizer)
+    targets = [" Lyon", " Marlowe", " x"]
+    assert torch.equal(_teacher_forced_logits(loaded, PROMPTS, targets), _teacher_forced_logits(editor, PROMPTS, targets))
+    assert loaded.generate(PROMPTS, max_new_tokens=8) == editor.generate(PROMPTS, max_new_tokens=8)
+    assert loaded.route(PROMPTS) == editor.route(PROMPTS)
+    assert loaded.stats() == editor.stats() and loaded.edit_ids() == editor.edit_ids()
+    assert loaded.config == editor.config
+    assert loaded.export_files() == editor.export_files()
+
+
+def test_files_are_safetensors_and_json_with_one_file_per_block(make_editor):
+    files = _edited(make_editor).export_files()
+    assert sorted(files) == [
+        "blocks/000000.safetensors", "blocks/000001.safetensors", "config.json", "index.json", "keys.safetensors",
+    ]
+    for name, data in files.items():
+        if name.endswith(".json"):
+            json.loads(data)
+        else:
+            assert safetensors.numpy.load(data)  # parses as safetensors: no pickle anywhere
+
+
+def test_unchanged_blocks_are_byte_identical_in_later_exports(make_editor):
+    editor = _edited(make_editor)
+    before = editor.export_files()
+    editor.apply_batch([Edit("c", "Mount Everest is in", " Nepal")])
+    after = editor.export_files()
+    assert after["blocks/000000.safetensors"] == before["blocks/000000.safetensors"]
+    assert after["blocks/000001.safetensors"] == before["blocks/000001.safetensors"]
+    assert "blocks/000002.safetensors" in after and after["index.json"] != before["index.json"]
+
+
+def test_a_loaded_editor_keeps_editing_from_the_next_block(make_editor, tmp_path):
+    editor = _edited(make_editor)
+    model, tokenizer = tiny_model("gpt2")
+    loaded = MeloEditor.from_files(editor.export_files(), model, tokenizer)
+    result = loaded.apply_batch([Edit("c", "Mount Everest is in", " Nepal")])
+    assert result.block_id == 2 and loaded.generate([FACTS[0][0]], max_new_tokens=8) == [" Lyon"]
+
+
+def test_retract_makes_the_edit_fall_back_to_the_base_output(make_editor):
+    editor = _edited(make_editor)
+    model, tokenizer = tiny_model("gpt2")
+    base = MeloEditor(model, tokenizer, editor.config)  # same model weights, no edits
+    assert editor.retract("a") is True
+    assert editor.retract("a") is False and editor.retract("never-applied") is False
+    assert editor.route([FACTS[0][0]]) == [None]
+    assert torch.equal(
+        _teacher_forced_logits(editor, [FACTS[0][0]], [" Lyon"]), _teacher_forced_logits(base, [FACTS[0][0]], [" Lyon"])
+    )
+    assert editor.generate([FACTS[1][0]], max_new_tokens=8) == [" Marlowe"]  # the other edit stays
+    assert editor.edit_ids() == {"b"} and editor.stats()["retracted_total"] == 1
+
+
+def test_loading_files_for_another_model_is_refused(make_editor):
+    files = _edited(make_editor).export_files()
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(ValueError, match="target_modules|not a module"):
+        MeloEditor.from_files(files, model, tokenizer)
+
+
+def test_missing_block_file_is_named(make_editor):
+    files = _edited(make_editor).export_files()
+    del files["blocks/000001.safetensors"]
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="blocks/000001.safetensors"):
+        MeloEditor.from_files(files, model, tokenizer)
