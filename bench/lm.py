@@ -31,7 +31,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int = 256) -> PairBatch:
-    """Tokenize prompt and target separately and concatenate them, right-padded.
+    """Tokenize prompt and target separately and concatenate them (target + EOS), right-padded.
+
+    The EOS token is part of the target, as in melo_runtime: an edit is only learned when the
+    model also stops after the answer, and scores are comparable across methods.
 
     Prompts longer than the budget lose tokens on the left (the end of a prompt is what the
     target continues from); a target never loses tokens.
@@ -39,10 +42,12 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
     rows, label_rows, key_positions = [], [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for prompt, target in zip(prompts, targets):
         target_ids = _ids(tokenizer, target)
         if not target_ids:
             raise ValueError(f"target {target!r} tokenizes to nothing; give a non-empty target")
+        target_ids = target_ids + eos
         prompt_ids = _ids(tokenizer, prompt)[-max(1, max_length - len(target_ids)) :]
         rows.append(prompt_ids + target_ids)
         label_rows.append([-100] * len(prompt_ids) + target_ids)

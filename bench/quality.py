@@ -6,8 +6,10 @@ After every ``--every`` edits (and after the last) the harness reports, for the 
   exact match (greedy; the continuation must equal the target and end at a word boundary);
 * ``gen_tf`` / ``gen_em``: the same on the held-out rephrases (never shown to the editor);
 * ``loc_tf`` / ``loc_em``: locality, whether out-of-scope outputs are unchanged from the unedited
-  model: the teacher-forced accuracy of the model on the *base model's own* greedy continuation
-  (1.0 = every token unchanged) and the fraction of continuations that are identical;
+  model. ``loc_tf`` is the teacher-forced token accuracy on the *base model's own* greedy
+  continuation, divided per probe by the base model's accuracy on it (below 1 only because targets
+  end in EOS and a truncated continuation does not) and capped at 1: 1.0 = every token unchanged.
+  ``loc_em`` is the fraction of greedy continuations that are identical to the base model's;
 * ``clusters``, ``conflicts``, ``forgotten``: the editor's counters (MELO Figure 3 analogues);
 * classification streams: ``es`` = accuracy on the edits so far, ``loc`` = fraction of dev
   predictions unchanged, ``dev_acc`` = dev accuracy;
@@ -95,7 +97,7 @@ def build_stream(args: argparse.Namespace, base: EditMethod | None = None) -> St
 
 def melo_config(model, task: str, args: argparse.Namespace):
     """MeloConfig.for_model with the command-line overrides applied."""
-    from melo_runtime import MeloConfig
+    from melo_runtime.config import MeloConfig
 
     config = MeloConfig.for_model(model, task)
     overrides = {
@@ -167,6 +169,7 @@ class Evaluator:
         self.stream, self.tokenizer, self.generation = stream, tokenizer, generation
         self.locality_tokens = locality_tokens
         self.base_locality: list[str] = []
+        self.base_locality_tf: list[float] = []
         self.base_labels: list[str] = []
 
     def record_base(self, method: EditMethod) -> None:
@@ -178,6 +181,12 @@ class Evaluator:
             self.base_labels = method.classify(prompts)
         else:
             self.base_locality = method.generate(prompts, self.locality_tokens)
+            kept = self._kept_locality()
+            self.base_locality_tf = method.score([p for p, _ in kept], [b for _, b in kept]) if kept else []
+
+    def _kept_locality(self) -> list[tuple[str, str]]:
+        """(prompt, base continuation) for probes whose base continuation is not empty."""
+        return [(p.prompt, b) for p, b in zip(self.stream.locality, self.base_locality) if b.strip()]
 
     def _generation_metrics(self, method: EditMethod, prompts: list[str], targets: list[str]) -> tuple:
         tf = method.score(prompts, targets)
@@ -210,10 +219,12 @@ class Evaluator:
         return row
 
     def _locality(self, method: EditMethod, row: dict) -> None:
-        kept = [(p.prompt, b) for p, b in zip(self.stream.locality, self.base_locality) if b.strip()]
         if not self.base_locality:
             return
-        row["loc_tf"] = _mean(method.score([p for p, _ in kept], [b for _, b in kept])) if kept else None
+        kept = self._kept_locality()
+        if kept:
+            now = method.score([p for p, _ in kept], [b for _, b in kept])
+            row["loc_tf"] = _mean([min(1.0, a / b) if b > 0 else 1.0 for a, b in zip(now, self.base_locality_tf)])
         now = method.generate([p.prompt for p in self.stream.locality], self.locality_tokens)
         row["loc_em"] = _mean([float(a == b) for a, b in zip(now, self.base_locality)])
 

@@ -16,12 +16,14 @@ def _prompts_targets(cases):
     return [c.prompt for c in cases], [c.target for c in cases]
 
 
-def test_encode_pairs_labels_only_target_tokens_and_marks_the_last_prompt_token():
+def test_encode_pairs_labels_only_target_tokens_and_eos_and_marks_the_last_prompt_token():
     _, tokenizer = tiny_model("llama")
     batch = lm.encode_pairs(tokenizer, ["ab", "abcd"], [" x", " yz"])
     assert batch.key_positions.tolist() == [1, 3]
-    assert (batch.labels[0] != -100).sum() == 2 and (batch.labels[1] != -100).sum() == 3
-    assert batch.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    # Target tokens plus EOS are labelled; nothing else is.
+    assert (batch.labels[0] != -100).sum() == 3 and (batch.labels[1] != -100).sum() == 4
+    assert batch.labels[0, 4] == tokenizer.eos_token_id
+    assert batch.attention_mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
 
 
 def test_sequential_lora_learns_a_batch_and_changes_unrelated_outputs_too():
