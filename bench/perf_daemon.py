@@ -43,7 +43,7 @@ from bench.perf_common import environment, latency_summary, markdown_table, writ
 from daemon.scheduler import start_scheduler
 from daemon.settings import Settings
 from daemon.snapshots import Manifest
-from daemon.worker import EXIT_OK, BackboneEditors, Worker, build_worker
+from daemon.worker import EXIT_OK, BackboneEditors, build_worker
 from melo_runtime import BatchResult, Edit, MeloConfig
 from tests.services import FAST_GROUP_CONSUMER, KafkaBroker, RedisServer, create_topics, wait_until
 
