@@ -10,7 +10,7 @@ other on the same model:
 
 Reports seconds, iterations, edits/s and the speed-up of each over ``naive``.
 
-    python -m bench.perf_train --sizes 1,10,100 --out bench/out/perf_train
+    python -m bench.perf_train --sizes 1,10,100 --out var/bench/perf_train
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.perf_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--sizes", default="1,10,100", help="comma-separated batch sizes")
-    parser.add_argument("--iterations", type=int, default=50, help="iterations of the naive loop (official: 50)")
+    parser.add_argument("--iterations", type=int, default=50, help="iteration cap of every variant (official: 50)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
-    parser.add_argument("--out", type=Path, default=Path("bench/out/perf_train"))
+    parser.add_argument("--out", type=Path, default=Path("var/bench/perf_train"))
     return parser.parse_args(argv)
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = {
         "naive": (replace(config, early_stop=False, iterations=args.iterations), False),
         "cache": (replace(config, early_stop=False, iterations=args.iterations), True),
-        "ours": (config, True),
+        "ours": (replace(config, iterations=args.iterations), True),
     }
     rows = []
     for size in sizes:

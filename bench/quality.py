@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=10, help="edits per micro-batch (one MELO block)")
     parser.add_argument("--every", type=int, default=50, help="evaluate after every k edits")
     parser.add_argument("--n-locality", type=int, default=100, help="locality probes evaluated")
-    parser.add_argument("--out", type=Path, default=Path("bench/out/quality"))
+    parser.add_argument("--out", type=Path, default=Path("var/bench/quality"))
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -97,7 +97,7 @@ def build_stream(args: argparse.Namespace, base: EditMethod | None = None) -> St
 
 def melo_config(model, task: str, args: argparse.Namespace):
     """MeloConfig.for_model with the command-line overrides applied."""
-    from melo_runtime.config import MeloConfig
+    from melo_runtime import MeloConfig
 
     config = MeloConfig.for_model(model, task)
     overrides = {
@@ -126,7 +126,7 @@ def build_method(name: str, model, tokenizer, task: str, args: argparse.Namespac
     if name == "melo":
         return MeloMethod(name, model, tokenizer, config)
     if name == "melo-paper":
-        return MeloMethod(name, model, tokenizer, paper_config(config))
+        return MeloMethod(name, model, tokenizer, paper_config(config), cache_prefix=False)
     if name == "lora":
         return SequentialLora(
             model, tokenizer, task, config.target_modules, rank=args.rank or 8,

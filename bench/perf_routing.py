@@ -1,0 +1,128 @@
+"""Routing overhead: edited-model forward time / base-model forward time, by number of edits indexed.
+
+The edited forward is the serving path (``MeloEditor.classify``/``generate`` use it): one forward
+pass in which the key hook searches the cluster index and each row gathers its own block. The
+base forward is the same model call with no editor state. With N edits indexed:
+
+* the benchmark prompts' own keys are indexed, so every row of the timed batch *is* routed to a
+  block (the expensive case: search + gather + the low-rank delta);
+* the other N - batch keys are synthetic (the prompts' keys plus Gaussian noise far larger than
+  R_init, so each becomes its own cluster), spread over N / edits_per_block random blocks.
+
+Synthetic state goes in through the editor's VectorDB and block factors directly: training
+10,000 real edits on a CPU would take hours and routing cost does not depend on what the blocks
+learned. Target (issue 3): ratio <= 1.10 on CPU.
+
+    python -m bench.perf_routing --edits 0,100,10000 --out var/bench/perf_routing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import datasets
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.perf_routing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--edits", default="0,100,10000", help="comma-separated numbers of indexed edits")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per timed forward")
+    parser.add_argument("--repeats", type=int, default=15, help="timed forwards per measurement (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
+    parser.add_argument("--out", type=Path, default=Path("var/bench/perf_routing"))
+    return parser.parse_args(argv)
+
+
+def populate(editor, prompt_keys: np.ndarray, n_edits: int, seed: int = 0) -> None:
+    """Index ``n_edits`` keys (the prompts' own first) over random blocks of ``edits_per_block``."""
+    if n_edits == 0:
+        return
+    generator = np.random.default_rng(seed)
+    config = editor.config
+    n_blocks = max(1, -(-n_edits // config.edits_per_block))
+    torch.manual_seed(seed)
+    for factors in editor._factors.values():  # noqa: SLF001 -- synthetic state, see module docstring
+        for _ in range(n_blocks):
+            factors.append(torch.randn(factors.rank, factors.d_in) * 0.01, torch.randn(factors.d_out, factors.rank) * 0.01)
+    spread = 50.0 * config.r_init / np.sqrt(prompt_keys.shape[1])  # noise norm ~ 50 R_init: distinct clusters
+    extra = n_edits - min(n_edits, len(prompt_keys))
+    base = prompt_keys[generator.integers(0, len(prompt_keys), extra)]
+    synthetic = base + generator.normal(0, spread, base.shape).astype(np.float32)
+    keys = np.concatenate([prompt_keys[: min(n_edits, len(prompt_keys))], synthetic]).astype(np.float32)
+    blocks = [i % n_blocks for i in range(len(keys))]
+    editor._db.insert(keys, [f"label-{i}" for i in range(len(keys))], blocks, [f"e{i}" for i in range(len(keys))])  # noqa: SLF001
+
+
+def time_forward(model, inputs: dict, state, repeats: int) -> float:
+    """Median seconds of ``repeats`` forwards (after one warm-up), inside ``state`` when given."""
+    from melo_runtime.routing import use_state
+
+    timings = []
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        with torch.no_grad():
+            if state is None:
+                model(**inputs)
+            else:
+                with use_state(state()):
+                    model(**inputs)
+        if i:
+            timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure base vs edited forward for each number of indexed edits; write JSON + markdown."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from melo_runtime import MeloConfig, MeloEditor
+    from melo_runtime.backbones import load_backbone
+
+    model, tokenizer = load_backbone(args.backbone)
+    config = MeloConfig.for_model(model)
+    prompts = [c.prompt for c in datasets.zsre_stream(args.data_dir, args.batch, n_locality=0).cases]
+    rows = []
+    for n_edits in [int(n) for n in args.edits.split(",")]:
+        editor = MeloEditor(model, tokenizer, config)
+        prompt_keys = editor._keys(prompts).cpu().numpy()  # noqa: SLF001
+        populate(editor, prompt_keys, n_edits)
+        routed = sum(route is not None for route in editor.route(prompts))
+        batch = editor._encoder.prompts(prompts)  # noqa: SLF001
+        # Interleave base and edited measurements so load changes on the shared CPU hit both alike.
+        base_times, edited_times = [], []
+        for _ in range(3):
+            base_times.append(time_forward(model, batch.inputs, None, args.repeats))
+            edited_times.append(
+                time_forward(model, batch.inputs, lambda: editor._serving_state(batch.key_mask), args.repeats)  # noqa: SLF001
+            )
+        base, edited = min(base_times), min(edited_times)
+        row = {"edits_indexed": n_edits, "clusters": editor.stats()["clusters"], "blocks": editor.blocks,
+               "rows_routed": routed, "batch": len(prompts), "base_ms": base * 1e3, "edited_ms": edited * 1e3,
+               "ratio": edited / base}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"backbone": args.backbone, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    (args.out / "perf_routing.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    lines = ["| edits indexed | clusters | blocks | rows routed | base ms | edited ms | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['edits_indexed']} | {r['clusters']} | {r['blocks']} | {r['rows_routed']}/{r['batch']} | "
+                     f"{r['base_ms']:.1f} | {r['edited_ms']:.1f} | {r['ratio']:.3f} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "perf_routing.md").write_text(table, encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

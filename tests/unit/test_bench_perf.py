@@ -1,0 +1,27 @@
+"""perf_train and perf_routing run end to end on a tiny model and report what they promise."""
+
+import json
+
+from bench import perf_routing, perf_train
+
+
+def test_perf_train_times_naive_cache_and_ours_per_batch_size(tmp_path):
+    perf_train.main(["--backbone", "tiny-llama", "--sizes", "1,2", "--iterations", "5", "--threads", "1",
+                     "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "perf_train.json").read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["naive"]["iterations"] == 5  # the naive loop never stops early
+        assert row["ours"]["iterations"] <= 5
+        assert row["ours"]["speedup_vs_naive"] > 0
+    assert "| batch |" in (tmp_path / "perf_train.md").read_text()
+
+
+def test_perf_routing_routes_every_timed_row_once_edits_are_indexed(tmp_path):
+    perf_routing.main(["--backbone", "tiny-llama", "--edits", "0,40", "--batch", "4", "--repeats", "2",
+                       "--threads", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "perf_routing.json").read_text())["rows"]
+    assert rows[0]["rows_routed"] == 0 and rows[0]["clusters"] == 0
+    assert rows[1]["rows_routed"] == 4 and rows[1]["clusters"] == 40
+    assert rows[1]["blocks"] == 4  # 40 edits at the Llama preset's 10 edits per block
+    assert all(r["ratio"] > 0 for r in rows)
