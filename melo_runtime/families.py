@@ -1,8 +1,8 @@
 """What differs between architecture families: module layout and how to call the forward pass.
 
 Everything else in the editor works by module name on any Hugging Face model; this module is the one
-place that knows BERT keeps its layers in ``bert.encoder.layer``, GPT-2 pads nothing on the left
-unless told, and T5 needs decoder inputs.
+place that knows BERT keeps its layers in ``bert.encoder.layer``, decoder-only models need
+position ids that skip left padding, and T5 needs decoder inputs.
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ _LAYER_LISTS = {
 class Family:
     """The architecture family of a model and the module path of its (encoder) layer stack."""
 
-    name: str
-    layers_path: str
-    depth: int
-    causal: bool  # decoder-only LM: prompts are left padded and given explicit position ids
-    encoder_decoder: bool
+    name: str  # "bert" | "gpt2" | "llama" | "t5"
+    layers_path: str  # e.g. "transformer.h"
+    depth: int  # number of layers in that stack
 
 
 def family_of(model: nn.Module) -> Family:
@@ -57,13 +55,7 @@ def family_of(model: nn.Module) -> Family:
     modules = dict(model.named_modules())
     for path in _LAYER_LISTS[name]:
         if isinstance(modules.get(path), nn.ModuleList):
-            return Family(
-                name=name,
-                layers_path=path,
-                depth=len(modules[path]),
-                causal=name in ("gpt2", "llama"),
-                encoder_decoder=name == "t5",
-            )
+            return Family(name=name, layers_path=path, depth=len(modules[path]))
     raise ValueError(f"model of type {model_type!r} has none of the layer stacks {_LAYER_LISTS[name]}")
 
 
