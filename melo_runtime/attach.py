@@ -8,6 +8,7 @@ call, which is how several snapshot versions can serve from one model.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,9 @@ from melo_runtime.keys import KeyHook
 from melo_runtime.prefix_cache import install_prefix_replay
 
 _KEY_HOOK = "_melo_key_hook"
+# (key_module, target_modules) -> (key_dim, first LoRA layer) already probed on this model. A new editor
+# per snapshot version re-attaches to a model that is serving: skip the probe forward when it has run.
+_CHECKED = "_melo_attach_checked"
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,11 @@ def attach(model: nn.Module, config: MeloConfig) -> Attachment:
     if not getattr(key, _KEY_HOOK, False):
         key.register_forward_hook(KeyHook(config.key_module))
         setattr(key, _KEY_HOOK, True)
-    key_dim, first_lora = _check_execution_order(model, key, config.key_module, layers)
+    checked: dict[tuple[str, tuple[str, ...]], tuple[int, str]] = model.__dict__.setdefault(_CHECKED, {})
+    signature = (config.key_module, tuple(config.target_modules))
+    if signature not in checked:
+        checked[signature] = _check_execution_order(model, key, config.key_module, layers)
+    key_dim, first_lora = checked[signature]
     prefix = _frozen_prefix(model, first_lora)
     for layer in prefix:
         install_prefix_replay(layer)
@@ -84,15 +92,23 @@ def _check_execution_order(
     """
     events: list[str] = []
     key_dim: list[int] = []
+    # The hooks see every thread's forward while installed; record only this probe's own.
+    probe_thread = threading.get_ident()
 
     def key_done(module: nn.Module, inputs: object, output: object) -> None:
+        if threading.get_ident() != probe_thread:
+            return
         hidden = output[0] if isinstance(output, tuple) else output
         key_dim.append(int(hidden.shape[-1]))
         events.append(key_name)
 
+    def lora_starts(name: str) -> None:
+        if threading.get_ident() == probe_thread:
+            events.append(name)
+
     handles = [key.register_forward_hook(key_done)]
     for name, layer in layers.items():
-        handles.append(layer.register_forward_pre_hook(lambda module, inputs, name=name: events.append(name)))
+        handles.append(layer.register_forward_pre_hook(lambda module, inputs, name=name: lora_starts(name)))
     try:
         device = model_device(model)
         input_ids = torch.arange(1, 5, device=device).unsqueeze(0) % model.config.vocab_size

@@ -150,3 +150,19 @@ def test_routing_state_does_not_leak_out_of_a_call(make_editor):
     with use_state(outer):
         editor.generate([FACTS[0][0]], max_new_tokens=1)
         assert current_state() is outer
+
+
+def test_a_second_editor_on_a_serving_model_runs_no_probe_forward(make_editor):
+    """Each snapshot version gets its own editor over the shared model; attaching again must not run
+    a probe forward whose temporary hooks would see other threads' requests."""
+    from melo_runtime import MeloEditor
+
+    first = make_editor("gpt2")
+    forwards = []
+    handle = first.model.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
+    try:
+        second = MeloEditor(first.model, first.tokenizer, first.config)
+    finally:
+        handle.remove()
+    assert forwards == []
+    assert second.generate(["hello"], max_new_tokens=3) == first.generate(["hello"], max_new_tokens=3)
