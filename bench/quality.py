@@ -133,7 +133,7 @@ def build_method(name: str, model, tokenizer, task: str, args: argparse.Namespac
             iterations=config.iterations, lr=config.lr, seed=args.seed,
         )
     layer = args.grace_layer or grace_default_layer(config.key_module)
-    eps = args.grace_eps if args.grace_eps is not None else config.r_init
+    eps = args.grace_eps if args.grace_eps is not None else 1.0  # replaced by calibration in main()
     return GraceCodebook(model, tokenizer, task, layer, eps=eps, iterations=args.iters or 100, seed=args.seed)
 
 
@@ -338,6 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stream = build_stream(args, method)
     if hasattr(method, "config"):
         extra["melo_config"] = method.config.to_dict()
+    if args.method == "grace":
+        if args.grace_eps is None:
+            # Development prompts only: NQ questions for generation, the dev split for label shift.
+            dev = stream.locality if classify else datasets.nq_probes(args.data_dir, 32)
+            method.calibrate_eps([p.prompt for p in dev[:32]])
+        extra["grace"] = {"layer": method.layer, "eps": method.eps, "iterations": method.iterations, "lr": method.lr}
     evaluator = Evaluator(stream, tokenizer, generation=not args.no_generation)
     rows = replay(method, stream, evaluator, args.batch_size, args.every)
     write_report(args.out, args, stream, rows, extra)

@@ -57,6 +57,7 @@ class GraceCodebook(HookedMethod):
             raise ValueError(f"GRACE layer {layer!r} not found in the model; check the name")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        self.layer = layer
         self.d_in, self.d_out = linear_shape(modules[layer])
         self.eps, self.iterations, self.lr = eps, iterations, lr
         self.generator = torch.Generator().manual_seed(seed)
@@ -104,6 +105,20 @@ class GraceCodebook(HookedMethod):
         if self._captured is None:
             raise RuntimeError("the GRACE hook did not run; is the layer on the forward path?")
         return self._captured[0]
+
+    def calibrate_eps(self, prompts: Sequence[str], fraction: float = 0.25) -> float:
+        """Set ``eps`` to ``fraction`` x the median distance between keys of unrelated ``prompts``.
+
+        GRACE tunes epsilon per task; this puts it on the scale of the wrapped layer's keys, the
+        same rule melo_runtime uses for R_init. Pass development prompts (never reserved data).
+        """
+        if len(prompts) < 2:
+            raise ValueError(f"need at least 2 prompts to calibrate eps, got {len(prompts)}")
+        keys = torch.stack([self._query(p, " x") for p in prompts])
+        distances = torch.cdist(keys, keys)
+        off_diagonal = distances[~torch.eye(len(keys), dtype=torch.bool)]
+        self.eps = float(off_diagonal.median()) * fraction
+        return self.eps
 
     def _new_value(self) -> nn.Parameter:
         return nn.Parameter(torch.rand(self.d_out, generator=self.generator))

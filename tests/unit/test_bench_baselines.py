@@ -69,3 +69,12 @@ def test_grace_expands_the_radius_for_a_close_key_with_the_same_label():
     grace.apply_batch([EditCase("a", "Q: capital of France? A:", " Paris")])
     grace.apply_batch([EditCase("b", "Q: France's capital? A:", " paris")])
     assert grace.stats() == {"clusters": 1, "conflicts": 0, "forgotten": 0}
+
+
+def test_grace_eps_calibration_scales_with_the_spread_of_dev_keys():
+    model, tokenizer = tiny_model("llama")
+    grace = GraceCodebook(model, tokenizer, "generate", "model.layers.3.mlp.down_proj")
+    prompts = ["Q: one? A:", "Zzz yyy", "The cat sat on", "1234 5678"]
+    keys = torch.stack([grace._query(p, " x") for p in prompts])
+    median = float(torch.cdist(keys, keys)[~torch.eye(4, dtype=torch.bool)].median())
+    assert grace.calibrate_eps(prompts, fraction=0.5) == pytest.approx(median / 2)
