@@ -1,0 +1,99 @@
+"""Choose MELO's key layer and R_init from routing alone, on development data.
+
+Training decides whether an edit is learned; *routing* decides whether a rephrase reaches the
+edit's block (generality) and whether an unrelated input stays on the base model (locality). Both
+depend only on the keys, so they can be measured for many key layers and radii without training:
+
+* ``route_gen``: fraction of held-out rephrases whose key is within R of their own edit's key
+  (and nearer to it than to any other edit's key);
+* ``route_loc``: fraction of locality probes (NQ) farther than R from every edit key.
+
+Cluster expansion can only grow radii, so with radius R per edit these are the routing outcomes
+of a stream whose edits do not merge. Run on zsre_mend_train-1k.json (development split only).
+
+    python -m bench.key_spread --layers 20,23,26 --n-edits 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench import datasets
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.key_spread", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--layers", default="20,23,26", help="layer indices whose mlp.up_proj output is the key")
+    parser.add_argument("--module", default="mlp.up_proj", help="module inside each layer used as key")
+    parser.add_argument("--n-edits", type=int, default=200)
+    parser.add_argument("--n-locality", type=int, default=300)
+    parser.add_argument("--fractions", default="0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5",
+                        help="R_init candidates as fractions of the calibration median (MeloConfig rule)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
+    parser.add_argument("--out", type=Path, default=Path("var/bench/key_spread"))
+    return parser.parse_args(argv)
+
+
+def routing_outcomes(edit_keys: torch.Tensor, rephrase_keys: torch.Tensor, owner: torch.Tensor,
+                     locality_keys: torch.Tensor, radius: float) -> dict[str, float]:
+    """route_gen and route_loc for one radius (see module docstring)."""
+    to_edits = torch.cdist(rephrase_keys, edit_keys)  # (n_rephrases, n_edits)
+    own = to_edits[torch.arange(len(owner)), owner]
+    nearest = to_edits.argmin(-1)
+    generality = ((own <= radius) & (nearest == owner)).float().mean()
+    locality = (torch.cdist(locality_keys, edit_keys).min(-1).values > radius).float().mean()
+    return {"radius": radius, "route_gen": float(generality), "route_loc": float(locality)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print and write, per key layer and radius, the routing-level generality and locality."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from dataclasses import replace
+
+    from melo_runtime import MeloConfig, MeloEditor
+    from melo_runtime.backbones import load_backbone
+    from melo_runtime.config import R_INIT_FRACTION, calibrate_r_init
+
+    model, tokenizer = load_backbone(args.backbone)
+    stream = datasets.zsre_stream(args.data_dir, args.n_edits, args.n_locality)
+    with_rephrase = [c for c in stream.cases if c.rephrases]
+    preset = MeloConfig.for_model(model)
+    stack = preset.key_module.split(".mlp.")[0].rsplit(".", 1)[0]  # e.g. model.layers
+    results = []
+    for layer in [int(x) for x in args.layers.split(",")]:
+        key_module = f"{stack}.{layer}.{args.module}"
+        median = calibrate_r_init(model, key_module, fraction=1.0)
+        targets = [f"{stack}.{layer + 1}.mlp.down_proj"]  # any module above the key: keys do not depend on it
+        editor = MeloEditor(model, tokenizer, replace(preset, key_module=key_module, target_modules=targets))
+        edit_keys = editor._keys([c.prompt for c in stream.cases])  # noqa: SLF001 -- keys only, no editing
+        rephrase_keys = editor._keys([c.rephrases[0] for c in with_rephrase])  # noqa: SLF001
+        owner = torch.tensor([stream.cases.index(c) for c in with_rephrase])
+        locality_keys = editor._keys([p.prompt for p in stream.locality])  # noqa: SLF001
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            row = {"key_module": key_module, "fraction": fraction, "calibration_median": median,
+                   **routing_outcomes(edit_keys, rephrase_keys, owner, locality_keys, fraction * median)}
+            row["preset_fraction"] = fraction == R_INIT_FRACTION
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "key_spread.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    lines = ["| key module | R_init (fraction x median) | route_gen | route_loc |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['key_module']} | {r['radius']:.2f} ({r['fraction']} x {r['calibration_median']:.1f}) | "
+                     f"{r['route_gen']:.3f} | {r['route_loc']:.3f} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "key_spread.md").write_text(table, encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
