@@ -53,6 +53,7 @@ def synthetic_db(
         "forgotten_total": 0,
         "retracted_total": 0,
         "graph_elements": n,
+        "graph_capacity": n,
         "graph_deleted": 0,
         "clusters": [
             {"id": i, "label": "y", "radius": 1.0, "floor": 1.0, "blocks": [i], "edit_ids": [f"e{i}"],

@@ -509,7 +509,7 @@ class VectorDB:
             self._graph_deleted += 1
         label = cid if old is None else old + (1 << _ID_BITS)
         if self._index.element_count >= self._index.get_max_elements():
-            self._index.resize_index(2 * self._index.get_max_elements())
+            self._index.resize_index(max(1024, 2 * self._index.get_max_elements()))
         # One thread keeps the graph a deterministic function of the insert sequence.
         self._index.add_items(centre[None, :], np.array([label], dtype=np.uint64), num_threads=1)
         self._graph_labels[cid] = label
@@ -585,6 +585,7 @@ class VectorDB:
             "forgotten_total": self._forgotten_total,
             "retracted_total": self._retracted_total,
             "graph_elements": self._index.element_count,
+            "graph_capacity": self._index.get_max_elements(),
             "graph_deleted": self._graph_deleted,
             "clusters": clusters,
         }
@@ -670,8 +671,8 @@ class VectorDB:
             path = os.path.join(tmp, "index.bin")
             with open(path, "wb") as f:
                 f.write(blob.tobytes())
-            # max_elements=0 keeps the saved capacity, so saving again gives the same bytes.
-            index.load_index(path, max_elements=0)
+            # The saved capacity, so that saving again gives the same bytes.
+            index.load_index(path, max_elements=int(state["graph_capacity"]))
         index.set_ef(max(self.ef_search, CANDIDATES))
         index.set_num_threads(1)
         if index.element_count != state["graph_elements"]:

@@ -276,6 +276,13 @@ def test_state_round_trip_gives_identical_state_and_routes():
     assert _routes(rebuilt.search(queries)) == _routes(db.search(queries))
 
 
+def test_empty_database_round_trips_and_accepts_inserts():
+    loaded = VectorDB.from_state(*VectorDB(3, 0.5).to_state())
+    assert loaded.search(_keys((0.0, 0.0, 0.0))) == [None]
+    _insert(loaded, [(0.0, 0.0, 0.0)], ["a"], ["e1"], [4])
+    assert loaded.search(_keys((0.0, 0.0, 0.0)))[0].block == 4
+
+
 def test_same_inserts_give_the_same_state_including_the_hnsw_graph():
     (a, _), (b, _) = _random_db(500, 8, seed=7), _random_db(500, 8, seed=7)
     (sa, aa), (sb, ab) = a.to_state(), b.to_state()
