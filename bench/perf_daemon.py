@@ -13,7 +13,8 @@ trainer and micro-batch size B (``batch.max_size``), on fresh topics and a fresh
 2. **Latency** -- with the writer caught up, ``max(--latency-edits, --min-batches * B)`` more
    events are produced open-loop at ``--load-fraction`` x the measured throughput; each event's
    latency is from just before its send to the moment ``publish()`` of the version containing it
-   returned (blobs, manifest and CURRENT durable). Partial batches wait at most ``--max-wait``
+   returned (blobs, manifest and CURRENT durable); the delivery part (send -> first poll that
+   returned the event) is reported beside it. Partial batches wait at most ``--max-wait``
    seconds (``batch.max_wait_s``), so the mean batch actually formed is reported too.
 
 Trainers: ``melo`` is the real MeloEditor with the backbone's preset; ``noop`` is
@@ -24,6 +25,7 @@ own overhead (poll, validate, dedupe in Redis, publish, record in Redis, announc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -52,6 +54,7 @@ TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")
 DRAIN_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
 NOOP_INDEX_FORMAT = "melo.bench.noop/1"
+PRESET_ITERATIONS = next(f.default for f in dataclasses.fields(MeloConfig) if f.name == "iterations")
 
 
 # --------------------------------------------------------------------------- the no-op control
@@ -155,6 +158,29 @@ class TimedSnapshots:
         return getattr(self._store, name)
 
 
+class TimedSource:
+    """The worker's real event source, with the wall time at which each edit event was first polled.
+
+    Splits latency into delivery (producer -> broker -> consumer poll) and the writer's own work.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.polled: dict[str, float] = {}  # edit id -> time.time() of the poll that returned it
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Any]:
+        """Poll the real source and note when each edit arrived."""
+        records = self._source.poll(timeout_s, max_records)
+        now = time.time()
+        for record in records:
+            if record.topic == self._source.edits_topic:
+                self.polled.setdefault(json.loads(record.value)["edit_id"], now)
+        return records
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -174,6 +200,7 @@ class RunResult:
     throughput_edits_per_s: float
     throughput_versions: int
     latencies_s: list[float] = field(default_factory=list)
+    delivery_s: list[float] = field(default_factory=list)
     offered_rate: float = 0.0
     latency_versions: int = 0
     startup_s: float = 0.0
@@ -216,6 +243,8 @@ def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], bootstra
         worker.editors = NoOpEditors(worker.editors)
     timed = TimedSnapshots(worker.snapshots)
     worker.snapshots = timed
+    source = TimedSource(worker.source)
+    worker.source = source
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     ids = iter(range(10**9))
 
@@ -259,6 +288,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], bootstra
         _wait_published(timed, sent, thread, status, run)
         published = timed.published_at()
         result.latencies_s = [published[edit_id] - at for edit_id, at in sent.items()]
+        result.delivery_s = [source.polled[edit_id] - at for edit_id, at in sent.items()]
         result.offered_rate = round(rate, 2)
         result.latency_versions = len(timed.published) - before
         return result
@@ -303,6 +333,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "latency_versions": result.latency_versions,
         "mean_batch_formed": round(spec.latency_edits / max(result.latency_versions, 1), 1),
         **{f"latency_{k}": v for k, v in latency_summary(result.latencies_s).items()},
+        **{f"delivery_{k}": v for k, v in latency_summary(result.delivery_s).items() if k != "count"},
     }
 
 
@@ -311,16 +342,16 @@ def render(report: dict[str, Any]) -> str:
     rows = report["runs"]
     head = (
         f"Backbone `{report['backbone']}` (tiny, random weights: the point is the pipeline, not the edits), "
-        f"trainer `melo` = MeloEditor with the preset ({report['iterations']} iterations/block), `noop` = the "
+        f"trainer `melo` = MeloEditor with the preset config ({report['iterations']} training iterations/block), `noop` = the "
         "no-op control (pipeline overhead alone). Real Tansu broker + Redis (AOF, appendfsync always) on loopback, "
         f"filesystem snapshots, receipts and announcements on Kafka; batch.max_wait_s = {report['max_wait_s']}."
     )
     table = markdown_table(
         ["trainer", "B", "backlog edits / versions", "sustained edits/s", "offered edits/s", "mean batch formed",
-         "p50 ms", "p99 ms", "max ms"],
+         "p50 ms", "p99 ms", "max ms", "of which delivery p50 / p99 ms"],
         [[r["trainer"], r["batch_max_size"], f"{r['backlog_edits']} / {r['throughput_versions']}",
           r["sustained_edits_per_s"], r["offered_edits_per_s"], r["mean_batch_formed"], r["latency_p50_ms"],
-          r["latency_p99_ms"], r["latency_max_ms"]] for r in rows],
+          r["latency_p99_ms"], r["latency_max_ms"], f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']}"] for r in rows],
     )
     return f"{head}\n\n{table}"
 
@@ -370,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = summarize(run_one(spec, args, edits, broker.bootstrap, redis.url, Path(tmp)))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    report = {"environment": env, "backbone": args.backbone, "iterations": args.iterations or "preset", "max_wait_s": args.max_wait,
+    report = {"environment": env, "backbone": args.backbone, "iterations": args.iterations or PRESET_ITERATIONS, "max_wait_s": args.max_wait,
               "load_fraction": args.load_fraction, "runs": rows}
     json_path, md_path = write_report(args.out, "perf_daemon", report, render(report))
     print(md_path.read_text(encoding="utf-8"))

@@ -194,17 +194,25 @@ def derive(measured: dict[str, Any]) -> dict[str, Any]:
     def rewritten(edits: int) -> float:  # the files every version writes anew
         return keys_fit[0] + keys_fit[1] * edits + index_fit[0] + index_fit[1] * edits
 
+    last = rows[-1]
     growth = []
-    for edits in sorted({*GROWTH_POINTS, rows[-1]["edits"]}):
+    for edits in sorted({*GROWTH_POINTS, last["edits"]}):
+        measured = edits == last["edits"]
         blocks = math.ceil(edits / k)
-        version_bytes = blocks * block_bytes + rewritten(edits) + config_bytes
-        per_version_new = block_bytes + rewritten(edits)
-        # Without retention the store keeps every version: sum of new bytes over versions 1..blocks.
-        cumulative = sum(block_bytes + rewritten(min(v * k, edits)) for v in range(1, blocks + 1)) + config_bytes
+        if measured:
+            version_bytes, per_version_new = last["version_bytes"], last["new_blob_bytes"]
+            cumulative = sum(row["new_blob_bytes"] for row in rows)  # every blob any version wrote
+        elif edits < last["edits"]:
+            continue  # inside the measured run: its own rows say it
+        else:
+            version_bytes = blocks * block_bytes + rewritten(edits) + config_bytes
+            per_version_new = block_bytes + rewritten(edits)
+            # Without retention the store keeps every version: new bytes summed over versions 1..blocks.
+            cumulative = sum(block_bytes + rewritten(min(v * k, edits)) for v in range(1, blocks + 1)) + config_bytes
         growth.append(
             {
                 "edits": edits,
-                "measured": edits <= rows[-1]["edits"],
+                "measured": measured,
                 "extra_params": params_for_edits(edits, k, per_block),
                 "extra_params_per_1k_edits": round(params_for_edits(edits, k, per_block) * 1000 / edits),
                 "version_bytes": round(version_bytes),

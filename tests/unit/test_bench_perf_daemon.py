@@ -46,3 +46,4 @@ def test_end_to_end_run_publishes_every_edit_and_reports_throughput_and_latency(
         assert row["backlog_edits"] == 4 and row["throughput_versions"] >= 2
         assert row["sustained_edits_per_s"] > 0
         assert row["latency_count"] == 4 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+        assert 0 < row["delivery_p50_ms"] <= row["latency_p50_ms"]

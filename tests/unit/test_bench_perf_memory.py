@@ -33,5 +33,6 @@ def test_run_measures_block_params_and_reuses_unchanged_blobs(tmp_path):
         assert r["version_bytes"] == r["blocks"] * block + r["keys_file_bytes"] + r["index_file_bytes"] + r["config_file_bytes"]
     growth = {g["edits"]: g for g in report["growth"]}
     assert growth[10]["measured"] and not growth[10_000]["measured"]
+    assert growth[10]["store_bytes_no_retention"] == sum(r["new_blob_bytes"] for r in rows)
     assert growth[10_000]["extra_params"] == math.ceil(10_000 / 4) * report["params_per_block"]
     assert "derived" in (tmp_path / "perf_memory.md").read_text()
