@@ -2,7 +2,8 @@
 
 - ``flush``: a partial batch whose oldest edit waited ``batch.max_wait_s`` is trained at the next
   turn of the loop (the loop also checks this itself; the job covers a loop blocked in ``poll``).
-- ``lease``: renew the writer lease every ``redis.lease_renew_s``; a refused renewal stops the loop.
+- ``lease``: renew the writer lease every ``redis.lease_renew_s`` (local store: a third of its
+  5 s lease); a refused renewal stops the loop.
 - ``retention``: delete old snapshot versions (under the loop's lock, so no publish races it).
 - ``metrics``: refresh gauges from the editor's stats.
 
@@ -17,15 +18,13 @@ from daemon.settings import Settings
 from daemon.worker import Worker
 
 METRICS_REFRESH_S = 15.0
-DEFAULT_LEASE_RENEW_S = 10.0
 
 
 def start_scheduler(worker: Worker, settings: Settings) -> BackgroundScheduler:
     """Start the jobs above for ``worker``; the caller shuts the scheduler down (``shutdown(wait=False)``)."""
     scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(worker.request_flush, "interval", seconds=max(settings.batch.max_wait_s / 2, 0.2), id="flush")
-    renew_s = settings.redis.lease_renew_s if settings.redis is not None else DEFAULT_LEASE_RENEW_S
-    scheduler.add_job(worker.renew_lease, "interval", seconds=renew_s, id="lease")
+    scheduler.add_job(worker.renew_lease, "interval", seconds=worker.options.lease_renew_s, id="lease")
     scheduler.add_job(
         worker.retain,
         "interval",

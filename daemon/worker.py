@@ -92,6 +92,7 @@ class WorkerOptions:
     batch_max_size: int = 16
     batch_max_wait_s: float = 5.0
     lease_ttl_s: float = 30.0
+    lease_renew_s: float = 10.0
     retry_deadline_s: float = 300.0
     poll_timeout_s: float = 0.5
     poll_max_records: int = 500
@@ -688,6 +689,12 @@ def utc_now() -> str:
 # --------------------------------------------------------------------------- wiring from Settings
 
 
+# The local record store lives on this machine's disk: a short lease lets a restarted daemon take
+# over seconds after a crash (there is no network partition to ride out).
+LOCAL_LEASE_TTL_S = 5.0
+LOCAL_RETRY_DEADLINE_S = 60.0
+
+
 class BackboneEditors:
     """:class:`EditorFactory` over one backbone loaded once (on the GPU when settings.device allows)."""
 
@@ -775,8 +782,10 @@ def build_worker(
             control_topic=topics["control"],
         )
         outbox = FileOutbox(data_dir / "outbox")
-    ttl = settings.redis.lease_ttl_s if settings.redis is not None else 30.0
-    retry_s = settings.redis.retry_deadline_s if settings.redis is not None else 300.0
+    if settings.redis is not None:
+        ttl, renew, retry_s = settings.redis.lease_ttl_s, settings.redis.lease_renew_s, settings.redis.retry_deadline_s
+    else:
+        ttl, renew, retry_s = LOCAL_LEASE_TTL_S, LOCAL_LEASE_TTL_S / 3, LOCAL_RETRY_DEADLINE_S
     options = WorkerOptions(
         model=settings.model,
         task=settings.task,
@@ -784,6 +793,7 @@ def build_worker(
         batch_max_size=settings.batch.max_size,
         batch_max_wait_s=settings.batch.max_wait_s,
         lease_ttl_s=ttl,
+        lease_renew_s=renew,
         retry_deadline_s=retry_s,
         limits=settings.limits.to_limits(),
     )

@@ -8,6 +8,7 @@ matters) and then checks the invariants of DESIGN.md §5 from the stores themsel
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -28,6 +29,62 @@ REPO = Path(__file__).resolve().parents[2]
 ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_mend_train-1k.json"
 MODEL = "it-model"
 TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")
+
+
+# Every daemon start would otherwise pay ~5-8 s of torch/transformers imports on this machine; the
+# kill -9 tests start dozens. A fork server imports them once and forks each daemon from there: the
+# daemon is still a separate process with its own PID, killed with a real SIGKILL.
+_PRELOAD = ["torch", "transformers", "melo_runtime", "melo_runtime.backbones", "daemon.cli", "daemon.worker",
+            "daemon.scheduler", "daemon.source_kafka", "daemon.source_spool", "kafka", "redis"]
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(_PRELOAD)
+
+
+def _daemon_main(argv: list[str], env: dict[str, str], log_path: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    import torch
+
+    torch.set_num_threads(1)
+    from daemon.cli import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class DaemonProcess:
+    """A ``melo`` process forked from the fork server (Popen-like: pid, poll, wait, send_signal)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self._proc = _CONTEXT.Process(target=_daemon_main, args=(argv, env, str(log_path)), daemon=False)
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    def poll(self) -> int | None:
+        code = self._proc.exitcode
+        if code is None:
+            return None
+        return 128 - code if code < 0 else code  # -9 (signal) reads as 137, like a shell
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        code = self.poll()
+        if code is None:
+            raise subprocess.TimeoutExpired("melo run", timeout or 0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def zsre_events(count: int, *, model: str = MODEL, start: int = 0) -> list[dict[str, Any]]:
@@ -123,13 +180,12 @@ class Deployment:
             env["MELO_CRASH_AT"] = crash_at
         return env
 
-    def spawn(self, *, until_idle: bool = True, crash_at: str | None = None, log_name: str = "daemon") -> subprocess.Popen:
-        """Start ``melo run`` as a subprocess (its output goes to ``<root>/<log_name>.log``)."""
-        argv = [sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)]
+    def spawn(self, *, until_idle: bool = True, crash_at: str | None = None, log_name: str = "daemon") -> DaemonProcess:
+        """Start ``melo run`` in a new process (its output goes to ``<root>/<log_name>.log``)."""
+        argv = ["run", "--config", str(self.config_path)]
         if until_idle:
             argv.append("--until-idle")
-        log = (self.root / f"{log_name}.log").open("ab")
-        return subprocess.Popen(argv, cwd=REPO, env=self.env(crash_at), stdout=log, stderr=subprocess.STDOUT)
+        return DaemonProcess(argv, self.env(crash_at), self.root / f"{log_name}.log")
 
     def run(self, *, timeout_s: float = 240, crash_at: str | None = None) -> int:
         """Run ``melo run --until-idle`` to completion; return its exit status."""
@@ -139,7 +195,7 @@ class Deployment:
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+                proc.wait(30)
 
     def log_text(self, log_name: str = "daemon") -> str:
         path = self.root / f"{log_name}.log"
@@ -248,15 +304,14 @@ def assert_exactly_once_and_verified(deployment: Deployment, expected_ids: set[s
 
 
 def wait_for_log(
-    deployment: Deployment, needle: str, count: int, proc: subprocess.Popen, timeout_s: float, log_name: str = "daemon"
+    deployment: Deployment, needle: str, count: int, proc: DaemonProcess, timeout_s: float, log_name: str = "daemon"
 ) -> None:
     """Wait until ``needle`` appears ``count`` times in the daemon log (or the daemon exits)."""
     wait_until(lambda: deployment.log_text(log_name).count(needle) >= count or proc.poll() is not None, timeout_s,
                f"{count}x {needle!r} in the {log_name} log")
 
 
-def kill9(proc: subprocess.Popen) -> None:
+def kill9(proc: DaemonProcess) -> None:
     """SIGKILL by PID and reap."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.kill()
+    proc.wait(30)
