@@ -28,7 +28,6 @@ from kafka.errors import CommitFailedError, KafkaError
 from daemon.sources import Offsets, SourceRecord
 
 log = logging.getLogger("melo.source.kafka")
-_IDLE_POLLS = 3  # consecutive empty polls that count as "drained" for --until-idle
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
@@ -137,13 +136,19 @@ class KafkaSource:
             self._pause_edits()
 
     def at_end(self) -> bool:
-        """True once partitions are assigned and the last few polls returned nothing (before the
-        group assigns partitions every poll is empty, which says nothing about the topic)."""
-        return (
-            self._consumer is not None
-            and bool(self._consumer.assignment())
-            and self._empty_polls >= _IDLE_POLLS
-        )
+        """True once every assigned, unpaused partition has been fetched up to its high-water mark
+        (the broker's fetch responses say where the log ends; before the first one we do not know)."""
+        consumer = self._consumer
+        if consumer is None or self._empty_polls < 1:
+            return False
+        assigned = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
+        if not consumer.assignment():
+            return False
+        for tp in assigned:
+            highwater = consumer.highwater(tp)
+            if highwater is None or consumer.position(tp, timeout_ms=1000) < highwater:
+                return False
+        return True
 
     # -- committing
 

@@ -170,6 +170,20 @@ class Deployment:
             with (self.root / "spool" / "melo.edits" / file).open("ab") as handle:
                 handle.write(b"".join(value + b"\n" for value in raw))
 
+    def feed_control(self, event: dict[str, Any]) -> None:
+        """Send one control event (control topic, or a file in the spool's control directory)."""
+        value = json.dumps(event).encode()
+        if self.bootstrap:
+            producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+            producer.send(self.topics["control"], key=MODEL.encode(), value=value)
+            producer.flush()
+            producer.close()
+        else:
+            folder = self.root / "spool" / "melo.control"
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / "control.jsonl").open("ab") as handle:
+                handle.write(value + b"\n")
+
     # -- running
 
     def env(self, crash_at: str | None = None) -> dict[str, str]:

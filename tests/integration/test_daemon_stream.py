@@ -142,3 +142,26 @@ def test_manifest_offsets_never_lag_committed_offsets(deployment: Deployment) ->
     covered = max(offset for parts in current.offsets.values() for offset in parts.values())
     assert deployment.committed_edits_offset() == covered == deployment.edits_end()
     assert json.loads(json.dumps(current.offsets)) == current.offsets
+
+
+def test_control_rollback_and_retract_publish_new_versions_in_stream_order(deployment: Deployment) -> None:
+    events = zsre_events(20)
+    deployment.feed(events)
+    assert deployment.run() == 0, deployment.log_text()[-3000:]
+    store = deployment.store()
+    assert store.current("it-model") == 2
+    deployment.feed_control({"type": "rollback", "model": "it-model", "to_version": 1, "request_id": "r-1",
+                             "reason": "bad batch"})
+    deployment.feed_control({"type": "retract", "model": "it-model", "edit_id": events[0]["edit_id"],
+                             "request_id": "r-2", "reason": "wrong fact"})
+    assert deployment.run() == 0, deployment.log_text()[-3000:]
+    rollback, retract = store.manifest("it-model", 3), store.manifest("it-model", 4)
+    assert (rollback.kind, rollback.restores_version, rollback.request_id) == ("rollback", 1, "r-1")
+    assert rollback.files == store.manifest("it-model", 1).files, "rollback to v serves exactly v's content"
+    assert (retract.kind, retract.request_id) == ("retract", "r-2")
+    receipts = _receipts_by_status(deployment, expect=20 + 11)
+    second_batch = {e["edit_id"] for e in events[10:]}
+    assert set(receipts["rolled_back"]) == second_batch
+    assert receipts["retracted"] == [events[0]["edit_id"]]
+    for version in (3, 4):
+        assert store.verify("it-model", version) == []
