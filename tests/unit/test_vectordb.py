@@ -316,3 +316,33 @@ def test_graph_is_rebuilt_once_moved_centres_outnumber_live_ones():
     assert state["graph_elements"] < 1100 and state["graph_deleted"] < 1100
     assert db.search(np.vstack([far, keys[-1:]]))[0].edit_id == "far"
     assert _same_routes(_routes(db.search(keys)), _brute_force_routes(db, keys))
+
+
+def test_random_stream_keeps_invariants_and_new_clusters_route_to_their_edit():
+    rng = np.random.default_rng(12)
+    db = VectorDB(3, 0.5, exact_search_max_clusters=0)
+    anchors = rng.normal(size=(30, 3)).astype(np.float32) * 2
+    starts = 0
+    for step in range(300):
+        key = anchors[rng.integers(0, 30)] + rng.normal(size=3).astype(np.float32) * 0.3
+        edit_id = f"e{step}"
+        (action,) = db.insert(key[None, :], [f"y{rng.integers(0, 3)}"], [step], [edit_id]).actions
+        if action in ("add", "conflict", "supersede"):
+            # The key is now the centre of the newest cluster: it routes to its own edit.
+            assert db.search(key[None, :])[0].edit_id == edit_id
+            starts += 1
+        if step % 7 == 6:
+            db.retract(f"e{step - 3}")
+        if step % 10 == 9:
+            # Every member lies inside its cluster's ball; no radius is 0; bookkeeping agrees.
+            state, arrays = db.to_state(include_index=False)
+            start = 0
+            for record, centre in zip(state["clusters"], arrays["centres"]):
+                members = arrays["member_keys"][start : start + len(record["blocks"])]
+                start += len(record["blocks"])
+                assert record["radius"] > 0
+                assert np.linalg.norm(members - centre, axis=1).max() <= record["radius"] + 1e-5
+            assert db.edit_ids() == {e for r in state["clusters"] for e in r["edit_ids"]}
+            assert db.stats()["members"] == start
+    stats = db.stats()
+    assert starts > 30 and stats["conflicts_total"] > 10 and stats["forgotten_total"] > 0
