@@ -16,7 +16,8 @@ Recall = fraction of queries whose nearest cluster (as chosen by the HNSW path) 
 scan's. ``--real-keys`` repeats the measurement on real keys: MiniLM-L6 hidden states after layer
 4 (the BERT key layer) at the last non-padding token, for the 20,000 CounterFact edit + train
 prompts inserted one at a time through ``VectorDB.insert`` (label = ``target_new``), queried with
-rephrased prompts (in scope) and locality prompts (out of scope). ``--crossover`` also times both paths at small N to choose ``EXACT_SEARCH_MAX_CLUSTERS``;
+rephrased prompts (in scope) and locality prompts (out of scope). ``--crossover`` also times both
+paths at small N to choose ``EXACT_SEARCH_MAX_CLUSTERS``;
 ``--configs`` lists HNSW (M, ef_search) pairs, the first used at every size, the others only up to
 ``--max-size-extra`` clusters. Set OMP_NUM_THREADS=1 for per-core numbers.
 """
@@ -82,7 +83,8 @@ def per_query_seconds(
 
 def nearest_ids(db: VectorDB, queries: np.ndarray) -> np.ndarray:
     """The nearest cluster id per query as the database's current search path picks it."""
-    return np.array([cid for cid, _ in db._nearest(queries)])  # noqa: SLF001 -- the bench measures routing itself
+    # The private method: the bench measures the routing decision itself, before the radius test.
+    return np.array([cid for cid, _ in db._nearest(queries)])  # noqa: SLF001
 
 
 def query_sets(keys: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -160,7 +162,8 @@ def markdown(rows: list[dict]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        cells = (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -181,7 +184,9 @@ def minilm_keys(texts: list[str], batch: int = 128) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            enc = tokenizer(
+                texts[i : i + batch], padding=True, truncation=True, max_length=64, return_tensors="pt"
+            )
             hidden = model(**enc, output_hidden_states=True).hidden_states[5]  # after layer index 4
             last = enc["attention_mask"].sum(1) - 1
             out.append(hidden[torch.arange(len(last)), last].float().numpy())
@@ -202,10 +207,12 @@ def run_real_keys(data_dir: str, n_queries: int, n_exact_queries: int) -> list[d
     keys = minilm_keys([r["prompt"] for r in records])
     rephrase = minilm_keys([records[i]["rephrase_prompt"] for i in sample])
     locality = minilm_keys([records[i]["locality_prompt"] for i in sample])
-    print(f"real keys: {len(keys)} + {2 * n_queries} encoded in {time.perf_counter() - start:.0f} s", flush=True)
+    encode_s = time.perf_counter() - start
+    print(f"real keys: {len(keys)} + {2 * n_queries} encoded in {encode_s:.0f} s", flush=True)
     db = VectorDB(keys.shape[1], 0.1, exact_search_max_clusters=0)
     start = time.perf_counter()
-    report = db.insert(keys, [r["target_new"] for r in records], [0] * len(keys), [f"e{i}" for i in range(len(keys))])
+    labels = [r["target_new"] for r in records]
+    report = db.insert(keys, labels, [0] * len(keys), [f"e{i}" for i in range(len(keys))])
     insert_s = time.perf_counter() - start
     print(f"real keys: insert {1e6 * insert_s / len(keys):.0f} us/key, {db.stats()}, "
           f"added {report.added}, conflicts {report.conflicts}", flush=True)
@@ -235,14 +242,18 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--queries", type=int, default=2000, help="queries per set for the HNSW timing")
-    parser.add_argument("--exact-queries", type=int, default=500, help="queries per set for recall and scan timing")
+    parser.add_argument(
+        "--exact-queries", type=int, default=500, help="queries per set for recall and scan timing"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crossover", action="store_true", help="also time both paths at small N")
     parser.add_argument("--configs", default="16:64,32:128", help="HNSW M:ef_search pairs")
     parser.add_argument("--max-size-extra", type=int, default=100_000)
     parser.add_argument("--real-keys", action="store_true", help="only the MiniLM/CounterFact measurement")
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--insert-keys", type=int, default=10_000, help="keys for the insert timing (0: skip)")
+    parser.add_argument(
+        "--insert-keys", type=int, default=10_000, help="keys for the insert timing (0: skip)"
+    )
     args = parser.parse_args()
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
     print(f"# {platform.processor() or platform.machine()}, numpy {np.__version__}", flush=True)

@@ -602,7 +602,9 @@ class VectorDB:
     def from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> VectorDB:
         """Rebuild a database written by ``to_state``; validates shapes and counts."""
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unknown vector DB state format {state.get('format')!r}; expected {STATE_FORMAT!r}")
+            raise ValueError(
+                f"unknown vector DB state format {state.get('format')!r}; expected {STATE_FORMAT!r}"
+            )
         db = cls(
             state["dim"],
             state["r_init"],
