@@ -28,7 +28,7 @@ def test_load_generator_sends_exactly_the_requested_count_and_sees_edited_prompt
     assert server.process.poll() is not None  # stopped on leaving the block
     assert result.errors == [] and len(result.latencies_s) == 6 and not result.stopped_by_time_cap
     row = summarize("edited-hit", EDITED_MODEL, result, args)
-    assert row["routed_fraction"] == 1.0 and row["requests_per_s"] > 0
+    assert row["routed_fraction"] == 1.0 and row["requests_per_s"] > 0 and row["mean_output_chars"] >= 0
     assert "| edited-hit | 6 / 0 |" in render({
         "backbone": "tiny-gpt2", "max_new_tokens": 2, "concurrency": 2, "requests": 6, "warmup": 0, "time_cap_s": 60,
         "server_threads": 1, "edited_snapshot": {"edits": 4, "blocks": 1, "clusters": 4, "edits_learned": 0},
