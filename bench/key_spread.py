@@ -4,12 +4,15 @@ Training decides whether an edit is learned; *routing* decides whether a rephras
 edit's block (generality) and whether an unrelated input stays on the base model (locality). Both
 depend only on the keys, so they can be measured for many key layers and radii without training:
 
-* ``route_gen``: fraction of held-out rephrases whose key is within R of their own edit's key
-  (and nearer to it than to any other edit's key);
-* ``route_loc``: fraction of locality probes (NQ) farther than R from every edit key.
+The edit keys are inserted into the runtime's own ``VectorDB`` batch by batch, exactly as the
+editor would (add / expand / conflict / forget with labels = normalized targets), then:
 
-Cluster expansion can only grow radii, so with radius R per edit these are the routing outcomes
-of a stream whose edits do not merge. Run on zsre_mend_train-1k.json (development split only).
+* ``route_es``: fraction of edit prompts routed to their own edit's block;
+* ``route_gen``: fraction of held-out rephrases routed to their own edit's block;
+* ``route_loc``: fraction of locality probes (NQ) routed to no block (base model);
+* ``conflicts`` / ``forgotten``: the index's counters after the stream.
+
+Run on zsre_mend_train-1k.json (development split only).
 
     python -m bench.key_spread --layers 20,23,26 --n-edits 200
 """
@@ -33,23 +36,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--module", default="mlp.up_proj", help="module inside each layer used as key")
     parser.add_argument("--n-edits", type=int, default=200)
     parser.add_argument("--n-locality", type=int, default=300)
-    parser.add_argument("--fractions", default="0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5",
+    parser.add_argument("--fractions", default="0.15,0.25,0.35,0.45,0.55,0.65,0.75",
                         help="R_init candidates as fractions of the calibration median (MeloConfig rule)")
+    parser.add_argument("--batch-size", type=int, default=10, help="edits per block, as the stream would batch them")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("var/bench/key_spread"))
     return parser.parse_args(argv)
 
 
-def routing_outcomes(edit_keys: torch.Tensor, rephrase_keys: torch.Tensor, owner: torch.Tensor,
-                     locality_keys: torch.Tensor, radius: float) -> dict[str, float]:
-    """route_gen and route_loc for one radius (see module docstring)."""
-    to_edits = torch.cdist(rephrase_keys, edit_keys)  # (n_rephrases, n_edits)
-    own = to_edits[torch.arange(len(owner)), owner]
-    nearest = to_edits.argmin(-1)
-    generality = ((own <= radius) & (nearest == owner)).float().mean()
-    locality = (torch.cdist(locality_keys, edit_keys).min(-1).values > radius).float().mean()
-    return {"radius": radius, "route_gen": float(generality), "route_loc": float(locality)}
+def routing_outcomes(edit_keys: torch.Tensor, labels: list[str], rephrase_keys: torch.Tensor, owner: torch.Tensor,
+                     locality_keys: torch.Tensor, radius: float, batch_size: int) -> dict[str, float]:
+    """Insert the edits in batches (block = batch index) and route every probe set (module docstring)."""
+    from melo_runtime import VectorDB
+
+    db = VectorDB(edit_keys.shape[1], radius)
+    blocks = [i // batch_size for i in range(len(edit_keys))]
+    for start in range(0, len(edit_keys), batch_size):
+        end = start + batch_size
+        db.insert(edit_keys[start:end].numpy(), labels[start:end], blocks[start:end],
+                  [f"e{i}" for i in range(start, min(end, len(edit_keys)))])
+
+    def own_block(keys: torch.Tensor, owners: list[int]) -> float:
+        hits = db.search(keys.numpy())
+        return sum(h is not None and h.edit_id == f"e{o}" for h, o in zip(hits, owners)) / len(owners)
+
+    stats = db.stats()
+    return {
+        "radius": radius,
+        "route_es": own_block(edit_keys, list(range(len(edit_keys)))),
+        "route_gen": own_block(rephrase_keys, owner.tolist()),
+        "route_loc": sum(h is None for h in db.search(locality_keys.numpy())) / len(locality_keys),
+        "conflicts": stats["conflicts_total"],
+        "forgotten": stats["forgotten_total"],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from melo_runtime import MeloConfig, MeloEditor
     from melo_runtime.backbones import load_backbone
     from melo_runtime.config import R_INIT_FRACTION, calibrate_r_init
+    from melo_runtime.edits import normalize_label
 
     model, tokenizer = load_backbone(args.backbone)
     stream = datasets.zsre_stream(args.data_dir, args.n_edits, args.n_locality)
@@ -76,19 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         edit_keys = editor._keys([c.prompt for c in stream.cases])  # noqa: SLF001 -- keys only, no editing
         rephrase_keys = editor._keys([c.rephrases[0] for c in with_rephrase])  # noqa: SLF001
         owner = torch.tensor([stream.cases.index(c) for c in with_rephrase])
+        labels = [normalize_label(c.target) for c in stream.cases]
         locality_keys = editor._keys([p.prompt for p in stream.locality])  # noqa: SLF001
         for fraction in [float(f) for f in args.fractions.split(",")]:
             row = {"key_module": key_module, "fraction": fraction, "calibration_median": median,
-                   **routing_outcomes(edit_keys, rephrase_keys, owner, locality_keys, fraction * median)}
+                   **routing_outcomes(edit_keys.cpu(), labels, rephrase_keys.cpu(), owner, locality_keys.cpu(),
+                                      fraction * median, args.batch_size)}
             row["preset_fraction"] = fraction == R_INIT_FRACTION
             print(json.dumps(row), flush=True)
             results.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "key_spread.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    lines = ["| key module | R_init (fraction x median) | route_gen | route_loc |", "|---|---|---|---|"]
+    lines = ["| key module | R_init (fraction x median) | route_es | route_gen | route_loc | conflicts | forgotten |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['key_module']} | {r['radius']:.2f} ({r['fraction']} x {r['calibration_median']:.1f}) | "
-                     f"{r['route_gen']:.3f} | {r['route_loc']:.3f} |")
+                     f"{r['route_es']:.3f} | {r['route_gen']:.3f} | {r['route_loc']:.3f} | {r['conflicts']} | "
+                     f"{r['forgotten']} |")
     table = "\n".join(lines) + "\n"
     (args.out / "key_spread.md").write_text(table, encoding="utf-8")
     print(table)
