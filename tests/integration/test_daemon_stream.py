@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from daemon.crash import STAGES
 from tests.integration.daemon_harness import (
     Deployment,
-    applied_edit_ids,
     assert_exactly_once_and_verified,
     kill9,
     wait_for_log,
     zsre_events,
 )
-from daemon.crash import STAGES
 
 
 @pytest.fixture(params=["kafka", "embedded"])
