@@ -7,6 +7,7 @@
     melo rollback --to N --reason R           new version with N's content
     melo retract EDIT_ID --reason R           new version without that edit
     melo serve ...                            HTTP serving (daemon/server.py)
+    melo eval ...                             quality benchmark (bench/quality.py; from a repository checkout)
 
 ``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
 control event (Kafka control topic, or the spool's control directory) that the running daemon
@@ -23,10 +24,14 @@ import signal
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.settings import Settings
+
+if TYPE_CHECKING:
+    from schemas.events import ControlType
 
 log = logging.getLogger("melo")
 
@@ -52,8 +57,14 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the writer until SIGTERM/SIGINT (or, with --until-idle, until the source is drained)."""
+    """Run the writer until SIGTERM/SIGINT (or, with --until-idle, until the source is drained).
+
+    The monitor checks every edit version right after it is published (on the loop, before the next
+    batch trains) and CURRENT every ``monitor.interval_s``; with ``monitor.auto_rollback`` it rolls
+    a breaching version back, otherwise it only scores, marks and exports metrics.
+    """
     from daemon.crash import CrashPoints
+    from daemon.monitor import monitor_for_worker
     from daemon.scheduler import start_scheduler
     from daemon.worker import build_worker
 
@@ -79,6 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         metrics.start_metrics_server(settings.metrics.host, settings.metrics.port)
     scheduler = start_scheduler(worker, settings)
+    monitor = monitor_for_worker(worker, settings)
+    monitor.schedule(scheduler)
+    worker.on_edit_published(monitor.after_publish)
     try:
         status = worker.run(until_idle=args.until_idle)
     finally:
@@ -215,39 +229,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- rollback / retract
 
 
-def _control_event(settings: Settings, kind: str, reason: str, **fields: Any) -> dict[str, Any]:
-    from daemon.worker import utc_now
+def _send_control(settings: Settings, kind: ControlType, reason: str, **fields: Any) -> str:
+    """Send one control event on the writer's control channel; returns where it went."""
+    from daemon.control_ops import control_sender
+    from schemas.events import ControlEvent
 
-    return {"type": kind, "model": settings.model, "request_id": f"cli-{uuid.uuid4().hex[:12]}", "reason": reason,
-            "created_at": utc_now(), **fields}
-
-
-def _send_control(settings: Settings, event: dict[str, Any]) -> str:
-    payload = json.dumps(event).encode()
-    if settings.kafka is not None:
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(**settings.kafka.producer_kwargs())
-        producer.send(settings.kafka.topics.control, key=settings.model.encode(), value=payload)
-        producer.flush()
-        producer.close()
-        return f"Kafka topic {settings.kafka.topics.control}"
-    folder = Path(settings.spool_dir) / "melo.control"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{event['request_id']}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(payload + b"\n")
-    os.replace(tmp, path)  # the spool reads *.jsonl only: the event appears whole
-    return str(path)
+    event = ControlEvent(type=kind, model=settings.model, request_id=f"cli-{uuid.uuid4().hex[:12]}", reason=reason,
+                         created_at=datetime.now(UTC), **fields)
+    send = control_sender(settings, sender="cli")
+    try:
+        send(event)
+    finally:
+        send.close()
+    return send.destination
 
 
-def _steer(args: argparse.Namespace, kind: str, **fields: Any) -> int:
+def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
     from daemon.worker import build_records, build_worker
 
     settings = _load_settings(args)
     holder = build_records(settings).lease_holder(settings.model)
     if holder is not None:
-        where = _send_control(settings, _control_event(settings, kind, args.reason, **fields))
+        where = _send_control(settings, kind, args.reason, **fields)
         _say(f"melo {kind}: the running daemon ({holder}) holds the lease; control event written to {where}")
         return 0
     worker = build_worker(settings, on_progress=_say)
@@ -262,7 +265,7 @@ def _steer(args: argparse.Namespace, kind: str, **fields: Any) -> int:
         _say(f"melo {kind}: {error}")
         return 1
     finally:
-        worker._shutdown()
+        worker.close()
     _say(f"melo {kind}: published version {manifest.version} (CURRENT)")
     return 0
 
@@ -280,7 +283,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract")
+CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval")
 
 
 def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
@@ -323,28 +326,42 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     retract.add_argument("--reason", required=True)
     retract.set_defaults(func=cmd_retract)
 
+    # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
+    evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py; run from the repository)", add_help=False)
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(func=cmd_eval)
+
     if optional:
         _register_optional(sub)
     return parser
 
 
-def _register_optional(sub: Any) -> None:
-    """``serve`` (daemon/server.py) and ``eval`` (bench/quality.py) are owned elsewhere; add them if present."""
-    try:
-        from daemon import server
-    except ImportError:
-        server = None
-    register = getattr(server, "register_cli", None) or getattr(server, "add_serve_command", None)
-    if register is not None:
-        register(sub)
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Hand the arguments to the quality benchmark, ``bench.quality.main`` (``melo eval --help``).
+
+    ``bench/`` is part of the repository, not of the installed package: it is found beside this
+    package (an editable install or a checkout) or in the working directory.
+    """
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "bench" / "quality.py").is_file() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            break
     try:
         from bench import quality
-    except ImportError:
-        return
-    if hasattr(quality, "main"):
-        evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py)", add_help=False)
-        evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-        evaluate.set_defaults(func=lambda a: quality.main(a.rest) or 0)
+    except ModuleNotFoundError as error:
+        if error.name not in ("bench", "bench.quality"):
+            raise  # a dependency of the benchmark is missing: its own message says which
+        _say("melo eval: the benchmarks (bench/) ship with the repository, not with the installed package: "
+             "run `melo eval` from the root of a melo checkout (or `python -m bench.quality` there)")
+        return 2
+    return int(quality.main(args.rest) or 0)
+
+
+def _register_optional(sub: Any) -> None:
+    """``serve`` (daemon/server.py: importing FastAPI and torch costs seconds, so only when asked)."""
+    from daemon import server
+
+    server.register_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,8 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     words = sys.argv[1:] if argv is None else argv
-    core = any(word in CORE_COMMANDS for word in words[:2])
-    args = build_parser(optional=not core).parse_args(argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    if command == "eval":
+        # Every word after "eval" is the benchmark's, options included (argparse's REMAINDER would
+        # not pass a leading --help through).
+        at = words.index("eval")
+        args = argparse.Namespace(verbose=any(w in ("-v", "--verbose") for w in words[:at]), rest=words[at + 1:])
+        _configure_logging(args.verbose)
+        return cmd_eval(args)
+    args = build_parser(optional=command not in CORE_COMMANDS).parse_args(argv)
     _configure_logging(args.verbose)
     return int(args.func(args) or 0)
 

@@ -30,11 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from daemon.serving_state import VersionHistory
 from daemon.settings import Settings, TopicsSettings
+from daemon.worker import MONITOR_REASON_PREFIX
 from schemas.events import ControlEvent
+
+if TYPE_CHECKING:  # serving_state imports torch; the CLI sends control events without it
+    from daemon.serving_state import VersionHistory
 
 Status = Literal["published", "accepted"]
 
@@ -115,20 +118,39 @@ class WorkerControl:
         return ControlResult(request_id=request_id, status="published", version=manifest.version, via="worker")
 
 
-# Sends one control event to the writer; raises OSError / KafkaError when it cannot.
-SendControl = Callable[[ControlEvent], None]
+class SendControl(Protocol):
+    """Sends control events to the writer; raises OSError / KafkaError when it cannot."""
+
+    def __call__(self, event: ControlEvent) -> None:
+        """Send one event; it is durable on the channel when this returns."""
+        ...
+
+    @property
+    def destination(self) -> str:
+        """Where events go, for messages to people."""
+        ...
+
+    def close(self) -> None:
+        """Release what the sender holds open."""
+        ...
 
 
 class SpoolControlSender:
-    """Appends control events to ``<spool>/<control topic>/<host>-<pid>.jsonl`` (embedded setup).
+    """Appends control events to ``<spool>/<control topic>/<sender>-<host>-<pid>.jsonl`` (embedded setup).
 
     Each event is one ``write`` of a complete line on an ``O_APPEND`` descriptor, fsynced: the spool
     reader never sees half a line, and lines from several senders never interleave.
     """
 
-    def __init__(self, spool_dir: Path, topic: str) -> None:
-        self.path = Path(spool_dir) / topic / f"http-{socket.gethostname()}-{os.getpid()}.jsonl"
+    def __init__(self, spool_dir: Path, topic: str, *, sender: str = "http") -> None:
+        """``sender`` names the file (``http`` for a serving replica, ``cli`` for the CLI)."""
+        self.path = Path(spool_dir) / topic / f"{sender}-{socket.gethostname()}-{os.getpid()}.jsonl"
         self._lock = threading.Lock()
+
+    @property
+    def destination(self) -> str:
+        """The spool file events are appended to."""
+        return str(self.path)
 
     def __call__(self, event: ControlEvent) -> None:
         line = (json.dumps(event.to_json(), sort_keys=True) + "\n").encode("utf-8")
@@ -140,6 +162,9 @@ class SpoolControlSender:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def close(self) -> None:
+        """Nothing stays open between events."""
 
 
 class KafkaControlSender:
@@ -155,17 +180,23 @@ class KafkaControlSender:
         value = json.dumps(event.to_json(), sort_keys=True).encode("utf-8")
         self._producer.send(self.topic, key=event.model.encode("utf-8"), value=value).get(timeout=30)
 
+    @property
+    def destination(self) -> str:
+        """The control topic."""
+        return f"Kafka topic {self.topic}"
+
     def close(self) -> None:
         """Flush and close the producer."""
         self._producer.close()
 
 
-def control_sender(settings: Settings) -> SendControl:
-    """The control channel the writer of ``settings.model`` consumes: Kafka if configured, else the spool."""
+def control_sender(settings: Settings, *, sender: str = "http") -> SendControl:
+    """The control channel the writer of ``settings.model`` consumes: Kafka if configured, else the spool
+    (``sender`` names the spool file: who wrote the events)."""
     if settings.kafka is not None:
         return KafkaControlSender(settings.kafka.producer_kwargs(), settings.kafka.topics.control)
     assert settings.spool_dir is not None  # filled in by Settings
-    return SpoolControlSender(settings.spool_dir, TopicsSettings().control)
+    return SpoolControlSender(settings.spool_dir, TopicsSettings().control, sender=sender)
 
 
 class ChannelControl:
@@ -181,12 +212,12 @@ class ChannelControl:
     def rollback(self, to_version: int, reason: str, *, request_id: str | None = None, trigger: str = "manual") -> ControlResult:
         """Ask the writer to roll back to ``to_version``.
 
-        The reason of a monitor-triggered rollback starts with ``monitor:`` so the writer's
-        receipts and manifest say who asked.
+        The reason of a monitor-triggered rollback starts with ``monitor:`` so the writer counts it
+        as ``reason="monitor"`` and its receipts and manifest say who asked.
         """
         _check_rollback(self.history, to_version)
-        if trigger == "monitor" and not reason.startswith("monitor:"):
-            reason = f"monitor: {reason}"[:1000]
+        if trigger == "monitor" and not reason.startswith(MONITOR_REASON_PREFIX):
+            reason = f"{MONITOR_REASON_PREFIX} {reason}"[:1000]
         return self._submit(lambda rid: ControlEvent(type="rollback", model=self.history.state.model_name, request_id=rid,
                                                      reason=reason, to_version=to_version, created_at=_now()), request_id)
 

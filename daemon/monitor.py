@@ -2,13 +2,19 @@
 
 Three probe sets, each scored as the share of probes that pass (``melo_monitor_probe_score``):
 
-- ``locality`` -- out-of-scope inputs with the base model's recorded output: edits must not change
-  them. They come from the edit events' ``locality`` probes (``expected`` given, or the base
-  output recorded when the probe is first seen) and from canary lines without ``expected``.
+- ``locality`` -- out-of-scope inputs whose output edits must not change: the edit events'
+  ``locality`` probes and canary lines without ``expected``. The reference is always the base
+  model's own answer (computed once, when a version first routes the probe to a block, and kept):
+  an edit can only break what the base model answers, so a producer's ``expected`` that the base
+  model does not give (e.g. a dataset's gold answer) is not a regression signal and is not used.
+  A probe that the version routes to no block is answered by the base model by construction
+  (ΔW = 0 for that row) and passes without generating; only captured probes are generated and
+  compared, which keeps a check over hundreds of probes well under a second on CPU.
   Threshold ``monitor.locality_min``.
-- ``edits`` -- a seeded sample of the applied edits still reachable in the version: each must
-  still be answered with its target (generate: every target token is the teacher-forced argmax;
-  classify: the label). Threshold ``monitor.edits_min``.
+- ``edits`` -- a seeded sample of the applied edits that the trainer reported learned and that are
+  still reachable in the version: each must still be answered with its target (generate: every
+  target token is the teacher-forced argmax; classify: the label). An edit never learned cannot
+  regress, so it is not a probe. Threshold ``monitor.edits_min``.
 - ``canaries`` -- the user's ``monitor.canary_file`` (JSONL ``{"prompt", "expected"}``): all must
   pass (generate: the output starts with ``expected``; classify: the label equals it).
 
@@ -20,8 +26,10 @@ probes now. The edits first applied after that version are reported as the cause
 mark's reason, :class:`CheckOutcome`); the writer that publishes the rollback counts it in
 ``melo_rollbacks_total{reason="monitor"}`` (``Worker.rollback(..., monitor=True)``).
 
-Outputs are compared one prompt per forward, in the same way when recorded and when checked, so
-that padding in a batch can never make an unchanged model look changed.
+Outputs are compared one prompt per forward, in the same way for the base and for the version, so
+that padding in a batch can never make an unchanged model look changed. ``melo run`` wires the
+monitor to its writer (:func:`monitor_for_worker`): the after-publish check runs on the writer's
+loop, the scheduled check holds the writer's loop lock, so probes never race a training step.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +62,19 @@ PROBE_SETS = ("locality", "edits", "canaries")
 Rollback = Callable[[int, str], int | None]
 
 
+# Locality probes are routed this many at a time (one batched key forward each).
+ROUTE_CHUNK = 64
+
+
 @dataclass(frozen=True)
 class Probe:
-    """One input and the output it must give (``edit_id`` for probes taken from an applied edit)."""
+    """One input and the output it must give (``edit_id`` for probes taken from an applied edit).
+
+    A locality probe's ``expected`` is the base model's answer, ``None`` until first needed.
+    """
 
     prompt: str
-    expected: str
+    expected: str | None
     edit_id: str | None = None
 
 
@@ -89,16 +104,20 @@ class ProbeBook:
         while len(self.edits) > self.max_edits:
             del self.edits[next(iter(self.edits))]
 
-    def add_locality(self, prompt: str, expected: str) -> None:
-        """Remember an out-of-scope input and its base output (ignored if the prompt is known)."""
-        if any(p.prompt == prompt for p in self.locality):
+    def add_locality(self, prompt: str) -> None:
+        """Remember an out-of-scope input (ignored if the prompt is known); its base answer comes later."""
+        if self.has_locality(prompt):
             return
-        self.locality.append(Probe(prompt=prompt, expected=expected))
+        self.locality.append(Probe(prompt=prompt, expected=None))
         del self.locality[: max(0, len(self.locality) - self.max_locality)]
 
     def has_locality(self, prompt: str) -> bool:
         """Whether ``prompt`` already is a locality probe."""
         return any(p.prompt == prompt for p in self.locality)
+
+    def set_base_answer(self, index: int, answer: str) -> None:
+        """Record the base model's answer to locality probe ``index``."""
+        self.locality[index] = Probe(prompt=self.locality[index].prompt, expected=answer)
 
     def save(self) -> None:
         """Write the book atomically."""
@@ -172,11 +191,15 @@ class Monitor:
         edit_sample: int = 64,
         max_candidates: int = 10,
         seed: int = 0,
+        lock: threading.RLock | None = None,
     ) -> None:
         """Probe versions loaded through ``state`` (its store, model and base weights).
 
         ``rollback`` performs a rollback (``ControlOps.rollback`` in a server, ``Worker.rollback``
         in the daemon); without it a breach is marked and reported but nothing is rolled back.
+        ``lock`` serialises checks (default: a lock of the monitor's own); the daemon passes the
+        writer's loop lock, so that a scheduled check never waits for the loop while holding a lock
+        the loop's after-publish check needs.
         """
         self.state = state
         self.settings = settings
@@ -191,7 +214,7 @@ class Monitor:
         if settings.canary_file is not None:
             self.canaries, self._canary_locality = read_canaries(settings.canary_file)
         self._base: MeloEditor | None = None
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.RLock()
 
     @property
     def model_name(self) -> str:
@@ -199,28 +222,23 @@ class Monitor:
 
     # ---- recording probes -------------------------------------------------------------------
 
-    def record(self, events: Iterable[EditEvent], melo_config: dict[str, Any]) -> None:
-        """Add the applied ``events`` as edit probes and their locality probes (base outputs recorded)."""
-        pending: list[str] = []
+    def record(self, events: Iterable[EditEvent], learned: Container[str] | None = None) -> None:
+        """Add the applied ``events``' locality probes, and as edit probes those in ``learned``
+        (``None``: every event was learned)."""
         for event in events:
-            self.probes.add_edit(event.edit_id, event.prompt, event.target)
+            if learned is None or event.edit_id in learned:
+                self.probes.add_edit(event.edit_id, event.prompt, event.target)
             for probe in event.locality:
-                if probe.expected is not None:
-                    self.probes.add_locality(probe.prompt, probe.expected)
-                elif not self.probes.has_locality(probe.prompt):
-                    pending.append(probe.prompt)
-        pending += [p for p in self._canary_locality if not self.probes.has_locality(p)]
-        if pending:
-            base = self._base_editor(melo_config)
-            for prompt in dict.fromkeys(pending):
-                self.probes.add_locality(prompt, self._answer(base, prompt, melo_config["task"]))
+                self.probes.add_locality(probe.prompt)
+        for prompt in self._canary_locality:
+            self.probes.add_locality(prompt)
         self.probes.save()
 
-    def _base_editor(self, melo_config: dict[str, Any]) -> MeloEditor:
+    def _base_editor(self, config: MeloConfig) -> MeloEditor:
         # An editor with no edits routes every row to the base model: its outputs are the base's,
         # produced by the same code path (tokenisation, decoding) as every version's.
         if self._base is None:
-            self._base = MeloEditor(self.state.model, self.state.tokenizer, MeloConfig.from_dict(melo_config))
+            self._base = MeloEditor(self.state.model, self.state.tokenizer, config)
         return self._base
 
     def _answer(self, editor: MeloEditor, prompt: str, task: str) -> str:
@@ -246,7 +264,9 @@ class Monitor:
             scores[name] = 1.0 - len(failed) / len(probes)
             failures[name] = failed[:10]
 
-        score("locality", self.probes.locality, lambda p: self._answer(editor, p.prompt, task) == p.expected)
+        captured = self._captured_locality(editor)
+        score("locality", self.probes.locality,
+              lambda p: p.prompt not in captured or self._answer(editor, p.prompt, task) == captured[p.prompt])
         reachable = editor.edit_ids()
         applied = [p for p in self.probes.edits.values() if p.edit_id in reachable]
         sample = random.Random(self.seed + version).sample(applied, min(self.edit_sample, len(applied)))
@@ -261,6 +281,26 @@ class Monitor:
         ]
         return ProbeReport(version=version, scores=scores, failures=failures, breaches=breaches)
 
+    def _captured_locality(self, editor: MeloEditor) -> dict[str, str]:
+        """Locality probes that ``editor`` routes to a block -> the base model's answer to each."""
+        probes = self.probes.locality
+        routes = [route for start in range(0, len(probes), ROUTE_CHUNK)
+                  for route in editor.route([p.prompt for p in probes[start:start + ROUTE_CHUNK]])]
+        captured: dict[str, str] = {}
+        answered = False
+        for index, (probe, route) in enumerate(zip(probes, routes, strict=True)):
+            if route is None:
+                continue
+            expected = probe.expected
+            if expected is None:
+                expected = self._answer(self._base_editor(editor.config), probe.prompt, editor.config.task)
+                self.probes.set_base_answer(index, expected)
+                answered = True
+            captured[probe.prompt] = expected
+        if answered:
+            self.probes.save()
+        return captured
+
     def _edit_holds(self, editor: MeloEditor, probe: Probe, task: str) -> bool:
         if task == "classify":
             return editor.classify([probe.prompt])[0] == probe.expected
@@ -274,10 +314,16 @@ class Monitor:
 
     # ---- checking and rolling back ----------------------------------------------------------
 
-    def after_publish(self, manifest: Manifest, events: Iterable[EditEvent] = ()) -> CheckOutcome:
-        """Record the probes of a freshly published version's edits, then check that version."""
+    def after_publish(
+        self, manifest: Manifest, events: Iterable[EditEvent] = (), learned: Container[str] | None = None
+    ) -> CheckOutcome:
+        """Record the probes of a freshly published version's edits, then check that version.
+
+        ``learned``: the edit ids the trainer reported learned (``None``: all of ``events``); the
+        signature is :data:`daemon.worker.PublishHook`'s.
+        """
         with self._lock:
-            self.record(events, manifest.melo_config)
+            self.record(events, learned)
             return self._check(manifest.version)
 
     def check(self) -> CheckOutcome | None:
@@ -286,8 +332,8 @@ class Monitor:
             current = self.state.store.current(self.model_name)
             if current is None:
                 return None
-            if self._canary_locality and not all(self.probes.has_locality(p) for p in self._canary_locality):
-                self.record((), self.state.store.manifest(self.model_name, current).melo_config)
+            if not all(self.probes.has_locality(p) for p in self._canary_locality):
+                self.record(())
             return self._check(current)
 
     def schedule(self, scheduler: Any) -> None:
@@ -370,8 +416,8 @@ def _format_scores(report: ProbeReport) -> str:
 def monitor_for_worker(worker: Any, settings: Settings) -> Monitor:
     """The writer's monitor: probes on the writer's own backbone, rollbacks through the writer.
 
-    Wire it in ``melo run``: ``monitor.schedule(scheduler)`` for the periodic check, and
-    ``monitor.after_publish(manifest, events)`` after each edit version the worker publishes.
+    ``melo run`` wires it: ``monitor.schedule(scheduler)`` for the periodic check, and
+    ``worker.on_edit_published(monitor.after_publish)`` for the check after each edit version.
     Probes persist in ``<data_dir>/monitor/<model>.probes.json``.
     """
     state = ServingState(worker.snapshots, worker.model, worker.editors.model, worker.editors.tokenizer)
@@ -380,4 +426,4 @@ def monitor_for_worker(worker: Any, settings: Settings) -> Monitor:
     def rollback(to_version: int, reason: str) -> int:
         return int(worker.rollback(to_version, reason, request_id=f"monitor-{uuid.uuid4().hex[:12]}", monitor=True).version)
 
-    return Monitor(state, settings.monitor, probes, rollback=rollback)
+    return Monitor(state, settings.monitor, probes, rollback=rollback, lock=worker.lock)

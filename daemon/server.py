@@ -74,8 +74,14 @@ class ServeLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServeLimits:
-        """Body bytes from ``serve``; row length from ``limits.max_prompt_chars`` (what an edit may hold)."""
-        return cls(max_body_bytes=settings.serve.max_body_bytes, max_chars=settings.limits.max_prompt_chars)
+        """Body bytes, rows and new tokens from ``serve``; row length from ``limits.max_prompt_chars``
+        (what an edit may hold)."""
+        return cls(
+            max_body_bytes=settings.serve.max_body_bytes,
+            max_rows=settings.serve.max_rows,
+            max_chars=settings.limits.max_prompt_chars,
+            max_new_tokens=settings.serve.max_new_tokens,
+        )
 
 
 class GenerateRequest(BaseModel):
@@ -205,7 +211,7 @@ def _route_out(route: Any) -> RouteOut | None:
 
 def _check_rows(rows: Sequence[str], limits: ServeLimits, field: str) -> None:
     if len(rows) > limits.max_rows:
-        raise HTTPException(422, f"{field}: {len(rows)} rows, at most {limits.max_rows} per request: split the batch")
+        raise HTTPException(422, f"{field}: {len(rows)} rows, at most {limits.max_rows} per request (serve.max_rows): split the batch")
     for index, row in enumerate(rows):
         if not row.strip():
             raise HTTPException(422, f"{field}[{index}] is empty or whitespace: send text")
@@ -286,7 +292,7 @@ def create_app(
         """Continue each prompt greedily with the served version."""
         _check_rows(body.prompts, limits, "prompts")
         if body.max_new_tokens > limits.max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens={body.max_new_tokens}, at most {limits.max_new_tokens}")
+            raise HTTPException(422, f"max_new_tokens={body.max_new_tokens}, at most {limits.max_new_tokens} (serve.max_new_tokens): ask for fewer")
         loaded = serving()  # read once: this request is answered entirely by this version
         try:
             routes = loaded.editor.route(body.prompts)
@@ -435,7 +441,7 @@ def build_app(settings: Settings) -> FastAPI:
     return create_app(
         state,
         history=history,
-        control=ChannelControl(control_sender(settings), history),
+        control=ChannelControl(control_sender(settings), history, wait_s=settings.serve.control_wait_s),
         admin_token=token,
         limits=ServeLimits.from_settings(settings),
         services=services,

@@ -283,6 +283,18 @@ class ServeSettings(_Section):
         None, description="Bearer token for admin routes; unset = admin routes refused."
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_rows: int = Field(
+        64, ge=1, le=4096, description="Most prompts (or texts) in one /v1/generate or /v1/classify request."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Most tokens /v1/generate may be asked to generate per row."
+    )
+    control_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long /v1/rollback and /v1/retract wait for the writer to publish before answering "
+        "202 accepted (the request id then finds the version in /v1/versions).",
+    )
     follow: Literal["announcements", "current"] = Field(
         "current", description="How replicas learn of new versions: the snapshots topic, or polling CURRENT."
     )

@@ -18,6 +18,10 @@ Control events are executed in stream order: the pending batch is published firs
 and ``retract`` are also plain methods (:meth:`Worker.rollback`, :meth:`Worker.retract`) that the
 HTTP admin API calls on the running worker; they take the same lock as the loop, so one writer
 stays one writer.
+
+After each edit version is published, announced and committed, the callbacks registered with
+:meth:`Worker.on_edit_published` run on the loop thread (``melo run`` registers the monitor's
+after-publish check there, so a harmful batch is rolled back before the next one trains).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("melo.worker")
 
 EXIT_OK = 0
+# Reasons of rollbacks the monitor asked for start with this (counted as reason="monitor").
+MONITOR_REASON_PREFIX = "monitor:"
 EXIT_LEASE_LOST = 3
 EXIT_BACKEND_DOWN = 4
 
@@ -66,6 +71,11 @@ class LeaseLost(RuntimeError):
 
 class BatchAbandoned(RuntimeError):
     """Shutdown was asked while a block trained; nothing of the batch was published or committed."""
+
+
+# Called after each edit version: (its manifest, the applied edit events, ids of the edits the
+# trainer reports learned).
+PublishHook = Callable[[Any, Sequence[EditEvent], frozenset[str]], Any]
 
 
 class EditorFactory(Protocol):
@@ -174,8 +184,19 @@ class Worker:
         self._lease_lost = threading.Event()
         self._last_renewal = time.monotonic()
         self._trainer: threading.Thread | None = None
+        self._publish_hooks: list[PublishHook] = []
 
     # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The loop's lock, held while a batch or control event is processed: whoever holds it acts
+        between two turns of the loop (the monitor takes it before probing and rolling back)."""
+        return self._lock
+
+    def on_edit_published(self, hook: PublishHook) -> None:
+        """Run ``hook(manifest, events, learned_ids)`` on the loop thread after every edit version."""
+        self._publish_hooks.append(hook)
 
     def stop(self) -> None:
         """Ask the loop to finish (signal-safe): pending edits are abandoned, nothing unpublished is committed."""
@@ -242,9 +263,12 @@ class Worker:
             log.error("model %s: %s", self.model, error)
             return EXIT_BACKEND_DOWN
         finally:
-            self._shutdown()
+            self.close()
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Flush the outbox, close the source and release the writer lease. :meth:`run` ends with it;
+        call it after :meth:`start` when driving the worker without :meth:`run` (the CLI's direct
+        rollback / retract)."""
         try:
             self.publisher.flush()
         except Exception as error:  # noqa: BLE001 - shutdown must go on; the records are re-sent after restart
@@ -393,6 +417,17 @@ class Worker:
             f"blocks {stats.get('blocks')}, clusters {stats.get('clusters')}, conflicts {stats.get('conflicts_total')}, "
             f"forgotten {len(forgotten)}, trained in {sum(r.seconds for r in results):.1f}s"
         )
+        learned = frozenset(i for result in results for i, ok in result.learned.items() if ok)
+        self._run_publish_hooks(manifest, [by_id[i].event for i in applied_ids], learned)
+
+    def _run_publish_hooks(self, manifest: Any, events: list[EditEvent], learned: frozenset[str]) -> None:
+        for hook in self._publish_hooks:
+            try:
+                hook(manifest, events, learned)
+            except (LeaseLost, BatchAbandoned, Retryable):
+                raise  # the writer's own failures (e.g. from a rollback the hook asked for) stop the loop
+            except Exception:  # noqa: BLE001 - the version is durable already; a failing observer must not stop the writer
+                log.exception("model %s: after-publish hook %r failed on version %s", self.model, hook, self.version)
 
     def _apply(self, edits: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
         """Train ``edits``; an edit the editor refuses (ValueError) is isolated by bisection so the
@@ -568,7 +603,9 @@ class Worker:
             return None
         if event.type == "rollback":
             assert event.to_version is not None
-            return self.rollback(event.to_version, event.reason, request_id=event.request_id)
+            # A serving replica's monitor asks through the control channel (ChannelControl marks its reason).
+            monitor = event.reason.startswith(MONITOR_REASON_PREFIX)
+            return self.rollback(event.to_version, event.reason, request_id=event.request_id, monitor=monitor)
         assert event.edit_id is not None
         return self.retract(event.edit_id, event.reason, request_id=event.request_id)
 
@@ -679,11 +716,6 @@ def _manifest_dict(manifest: Any) -> dict[str, Any]:
     if hasattr(manifest, "to_dict"):
         return manifest.to_dict()
     return {name: manifest_field(manifest, name) for name in ("version", "parent", "kind", "created_at", "edit_ids", "stats")}
-
-
-def utc_now() -> str:
-    """ISO-8601 UTC timestamp (for control events the CLI writes)."""
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------- wiring from Settings
