@@ -25,6 +25,7 @@ paths at small N to choose ``EXACT_SEARCH_MAX_CLUSTERS``;
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import time
@@ -32,7 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from melo_runtime.vectordb import VectorDB
+from melo_runtime.vectordb import STATE_FORMAT, VectorDB, segment_name
 
 
 def synthetic_db(
@@ -41,7 +42,7 @@ def synthetic_db(
     """A database of ``n`` one-member clusters on Gaussian keys; returns it, the keys, build seconds."""
     keys = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
     state = {
-        "format": "melo.vectordb/1",
+        "format": STATE_FORMAT,
         "dim": dim,
         "r_init": 1.0,
         "hnsw_m": m,
@@ -53,17 +54,21 @@ def synthetic_db(
         "conflicts_total": 0,
         "forgotten_total": 0,
         "retracted_total": 0,
-        "graph_elements": n,
-        "graph_capacity": n,
+        "mutations": 0,
+        "segments": [{"block": 0, "rows": n, "sha256": hashlib.sha256(keys.tobytes()).hexdigest()}],
+        "graph": False,  # no saved graph: from_state builds it (above exact_max clusters)
+        "graph_elements": 0,
+        "graph_capacity": 0,
         "graph_deleted": 0,
+        "graph_base_capacity": 0,
+        "graph_log": [],
         "clusters": [
-            {"id": i, "label": "y", "radius": 1.0, "floor": 1.0, "blocks": [i], "edit_ids": [f"e{i}"],
-             "graph_label": i}
+            {"id": i, "label": "y", "radius": 1.0, "floor": 1.0, "blocks": [0], "rows": [i], "edit_ids": [f"e{i}"]}
             for i in range(n)
         ],
     }
     start = time.perf_counter()
-    db = VectorDB.from_state(state, {"centres": keys, "member_keys": keys})
+    db = VectorDB.from_state(state, {segment_name(0): keys})
     return db, keys, time.perf_counter() - start
 
 

@@ -2,13 +2,20 @@
 
 Layout (``docs/contracts.md``)::
 
-    config.json                   MeloConfig.to_dict()
-    index.json                    format, block count, layer shapes, the vector DB's cluster records
-    keys.safetensors              the vector DB's arrays (member keys, centres, HNSW graph bytes)
-    blocks/<block:06d>.safetensors  one trained block: "<layer>.A" [p, d_in], "<layer>.B" [d_out, p]
+    config.json                       MeloConfig.to_dict()
+    index.json                        format, block count, layer shapes, the vector DB's state:
+                                      cluster records whose members are (block, row) references
+    keys/<block:06d>.safetensors      "keys" [rows, dim]: every key indexed with the block, in order
+    graph/base.safetensors            "index": the HNSW graph at its last checkpoint (only above
+                                      the vector DB's exact-scan size)
+    graph/<seq:08d>.safetensors       "ops", "vectors": graph operations since that checkpoint
+    blocks/<block:06d>.safetensors    one trained block: "<layer>.A" [p, d_in], "<layer>.B" [d_out, p]
 
-A block file is written from the block's own tensors only, so it is byte-identical in every later
-export and a content-addressed store keeps one copy of it.
+Every file but config.json and index.json is written once and never changes afterwards (a block's
+tensors and keys are fixed when its batch is applied; forgetting and retracting drop references,
+not rows), so a store that content-addresses files keeps one copy of each, and a version costs new
+bytes in proportion to its batch plus the index. Centres are recomputed from the keys at load and
+the graph is replayed from its base, exactly as the live editor built them (see vectordb.py).
 """
 
 from __future__ import annotations
@@ -22,13 +29,16 @@ import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from melo_runtime.block_lora import BlockFactors
 from melo_runtime.config import MeloConfig
 from melo_runtime.vectordb import VectorDB
 
-FORMAT = "melo.editor/1"
-CONFIG_FILE, INDEX_FILE, KEYS_FILE = "config.json", "index.json", "keys.safetensors"
+FORMAT = "melo.editor/2"
+CONFIG_FILE, INDEX_FILE = "config.json", "index.json"
+# Folders of the vector DB's array files: to_state names an array "<file stem>/<tensor>".
+DB_FOLDERS = ("keys/", "graph/")
 
 
 def block_file(block_id: int) -> str:
@@ -52,18 +62,19 @@ def export_files(config: MeloConfig, factors: Mapping[str, BlockFactors], db: Ve
     if len(counts) != 1:
         raise RuntimeError(f"layers disagree on the number of blocks: {sorted(counts)}")
     n_blocks = counts.pop()
-    db_state, db_arrays = db_to_state(db)
+    db_state, db_arrays = db.to_state()
     index = {
         "format": FORMAT,
         "blocks": n_blocks,
         "layers": {name: [layer.d_in, layer.d_out] for name, layer in factors.items()},
         "db": db_state,
     }
-    files = {
-        CONFIG_FILE: _json_bytes(config.to_dict()),
-        INDEX_FILE: _json_bytes(index),
-        KEYS_FILE: safetensors.numpy.save({name: np.ascontiguousarray(a) for name, a in db_arrays.items()}),
-    }
+    files = {CONFIG_FILE: _json_bytes(config.to_dict()), INDEX_FILE: _json_bytes(index)}
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in db_arrays.items():
+        stem, tensor = name.rsplit("/", 1)
+        grouped.setdefault(f"{stem}.safetensors", {})[tensor] = np.ascontiguousarray(array)
+    files |= {name: safetensors.numpy.save(tensors) for name, tensors in grouped.items()}
     for block_id in range(n_blocks):
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in factors.items():
@@ -73,29 +84,27 @@ def export_files(config: MeloConfig, factors: Mapping[str, BlockFactors], db: Ve
     return files
 
 
-def db_to_state(db: VectorDB) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``db.to_state()``, leaving out the HNSW graph when no cluster exists.
-
-    An empty graph routes nothing either way, and VectorDB.from_state cannot grow a reloaded empty
-    hnswlib graph (capacity 0), so it must rebuild one instead.
-    """
-    return db.to_state(include_index=db.stats()["clusters"] > 0)
-
-
 def copy_db(db: VectorDB) -> VectorDB:
-    """An independent copy of ``db`` that routes exactly like it."""
-    return VectorDB.from_state(*db_to_state(db))
+    """An independent copy of ``db`` that routes, and evolves, exactly like it.
+
+    Made through the persisted state, so every database the editor writes to is one a loader
+    would rebuild from that state: live and loaded editors cannot drift apart.
+    """
+    return VectorDB.from_state(*db.to_state())
 
 
 def read_files(files: Mapping[str, bytes]) -> EditorState:
     """Parse files written by :func:`export_files`; ValueError naming a missing or malformed file."""
-    for required in (CONFIG_FILE, INDEX_FILE, KEYS_FILE):
+    for required in (CONFIG_FILE, INDEX_FILE):
         if required not in files:
             raise ValueError(f"editor files lack {required!r}; got {sorted(files)}")
     config = MeloConfig.from_dict(_json(files, CONFIG_FILE))
     index = _json(files, INDEX_FILE)
     if index.get("format") != FORMAT:
-        raise ValueError(f"{INDEX_FILE} has format {index.get('format')!r}; this runtime reads {FORMAT!r}")
+        raise ValueError(
+            f"{INDEX_FILE} has format {index.get('format')!r}; this runtime reads {FORMAT!r} only "
+            "(melo.editor/1 stored keys whole in keys.safetensors): re-apply the edits to build a new snapshot"
+        )
     shapes = {name: (int(d_in), int(d_out)) for name, (d_in, d_out) in index["layers"].items()}
     if sorted(shapes) != sorted(config.target_modules):
         raise ValueError(f"{INDEX_FILE} layers {sorted(shapes)} differ from config target_modules")
@@ -113,14 +122,26 @@ def read_files(files: Mapping[str, bytes]) -> EditorState:
                 raise ValueError(f"{name} lacks {layer}.A/.B of shapes {expected}")
             block[layer] = (a, b)
         blocks.append(block)
-    arrays = safetensors.numpy.load(files[KEYS_FILE])
+    arrays = {}
+    for name, data in files.items():
+        if name.startswith(DB_FOLDERS) and name.endswith(".safetensors"):
+            stem = name.removesuffix(".safetensors")
+            arrays |= {f"{stem}/{tensor}": array for tensor, array in _safetensors(name, data).items()}
     db = VectorDB.from_state(index["db"], arrays)
     return EditorState(config=config, layer_shapes=shapes, blocks=blocks, db=db)
 
 
 def _json_bytes(data: Any) -> bytes:
-    # Sorted keys and fixed separators: equal content gives equal bytes, hence equal hashes.
-    return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False).encode("utf-8")
+    # Sorted keys and fixed separators: equal content gives equal bytes, hence equal hashes. Compact,
+    # because index.json is the one file every version rewrites whole (pipe through `jq` to read).
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _safetensors(name: str, data: bytes) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load(data)
+    except SafetensorError as error:
+        raise ValueError(f"{name} is not a valid safetensors file: {error}") from error
 
 
 def _json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:

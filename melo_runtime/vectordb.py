@@ -47,11 +47,35 @@ member); outside, ``None``. Both candidate paths give identical results whenever
 centre is among the candidates, which the numpy scan guarantees up to float rounding. Labels are
 compared as exact strings: the caller passes normalized targets.
 
-Index maintenance: a centre that moves is marked deleted in the graph and inserted again as a new
-element (label ``version << 32 | cluster id``) instead of being updated in place, because hnswlib's
-in-place update re-prunes neighbours' links and was measured to orphan unrelated elements. Once
-deleted elements outnumber live ones (and 1024), the graph is rebuilt from the live centres.
-``to_state`` saves the graph itself, so a loaded database routes exactly as the saved one.
+Index maintenance: the graph exists only while it can be used, i.e. from the first moment the
+database holds more than ``exact_search_max_clusters`` clusters (below that, search scans exactly and
+a graph would cost an hnswlib insertion per centre change for nothing). A centre that moves is
+marked deleted in the graph and inserted again as a new element (label ``version << 32 | cluster
+id``) instead of being updated in place, because hnswlib's in-place update re-prunes neighbours'
+links and was measured to orphan unrelated elements. Once deleted elements outnumber live ones (and
+1024), the graph is rebuilt from the live centres in cluster-id order.
+
+Persistence (``to_state``/``from_state``) is built so that a snapshot costs new bytes in proportion
+to what changed, not to everything held:
+
+- Member keys live in append-only *segments*, one per block: every key inserted with block ``b``,
+  in insertion order. A member is the reference ``(block, row)``; forgetting or retracting a member
+  removes the reference, never a row, so a segment is written once (the editor inserts each block's
+  keys in one call) and a content-addressed store keeps a single copy across versions.
+- Centres are not stored: every centre is the float64 mean of a list of member keys, cast to
+  float32 (``_mean``), so a loader recomputes it bit for bit from the same keys in the same order.
+  That list is the cluster's members, except after a conflict removed members without a refit: the
+  centre stays put (see above), and the record lists the members it is the mean of
+  (``centre_members``, still present in their immutable segments).
+- The graph is a *base* (hnswlib's serialization) plus a *log* of the operations since (add an
+  element, mark one deleted, grow capacity), one log part per mutating call. A loader loads the base
+  and replays the log, which reproduces the live graph exactly — including hnswlib's level
+  generator, which a serialization does not carry: that is why the live database itself swaps its
+  graph for the reloaded base whenever it writes one (a *checkpoint*). Checkpoints happen when the
+  graph is built or rebuilt and when the log holds more additions than ``max(1024, clusters // 8)``,
+  which bounds replay work at load and amortizes the base's bytes over at least that many changes.
+
+A loaded database therefore routes exactly as the saved one, and evolves exactly as it would have.
 
 Thread safety: ``search`` reads only and may run from many threads at once; ``insert``, ``retract``
 and ``from_state`` mutate, and must not overlap any other call (the caller serializes, e.g. by
@@ -61,6 +85,7 @@ HNSW graph included (single-threaded graph updates with a fixed seed).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -70,7 +95,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
-STATE_FORMAT = "melo.vectordb/1"
+STATE_FORMAT = "melo.vectordb/2"
 # Candidates re-checked exactly per query; HNSW's first few results contain the true nearest centre
 # far more often than its first one alone.
 CANDIDATES = 8
@@ -85,6 +110,12 @@ _ID_BITS = 32
 _ID_MASK = (1 << _ID_BITS) - 1
 # Rebuild the graph once it holds more deleted elements than this and than live ones.
 _COMPACT_MIN_DELETED = 1024
+# Checkpoint the graph once its log holds more additions than this and than clusters // fraction:
+# bounds the replay work of every load (and of every copy) against the base bytes written.
+_CHECKPOINT_MIN_ADDS = 1024
+_CHECKPOINT_FRACTION = 8
+# Graph log operations: (kind, value) rows; an addition's vector is the next row of the part's vectors.
+_OP_ADD, _OP_DELETE, _OP_RESIZE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -115,7 +146,11 @@ class _Cluster:
     label: str
     keys: np.ndarray  # [members, dim] float32, oldest first
     blocks: list[int]
+    rows: list[int]  # member i is row rows[i] of segment blocks[i]
     edit_ids: list[str]
+    # (block, row) of the keys whose mean the centre is, when that is not the members: set when a
+    # conflict removes members (the centre stays), cleared by the next refit.
+    centre_members: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -127,6 +162,15 @@ class _Group:
     members: list[int] = field(default_factory=list)  # indices into the dissolved cluster
 
 
+@dataclass
+class _LogPart:
+    """The graph operations of one mutating call since the last checkpoint."""
+
+    seq: int  # the call's number (``mutations`` when it ran): names the part's file
+    ops: list[tuple[int, int]] = field(default_factory=list)  # (kind, label or capacity)
+    vectors: list[np.ndarray] = field(default_factory=list)  # [dim] float32 per addition, in order
+
+
 def _distances(point: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Exact L2 distances (float64) from ``point`` [dim] to each of ``rows`` [n, dim]."""
     diff = rows.astype(np.float64) - point.astype(np.float64)
@@ -134,7 +178,17 @@ def _distances(point: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def _mean(keys: np.ndarray) -> np.ndarray:
+    # The only way a centre is ever computed: a loader recomputes centres bit for bit with it.
     return keys.astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def segment_name(block: int) -> str:
+    """Array name of block ``block``'s key segment in ``to_state``, e.g. ``keys/000003/keys``."""
+    return f"keys/{block:06d}/keys"
 
 
 class VectorDB:
@@ -181,9 +235,17 @@ class VectorDB:
         self._conflicts_total = 0
         self._forgotten_total = 0
         self._retracted_total = 0
-        self._index = self._new_index(capacity=1024)
+        # Block -> every key inserted with that block, in order. Arrays are never written in place
+        # (an append makes a new array), so copies of the database may share them.
+        self._segments: dict[int, np.ndarray] = {}
+        self._mutations = 0  # insert/retract calls so far: numbers the graph log parts
+        self._index: hnswlib.Index | None = None  # None while search scans exactly (see docstring)
         self._graph_labels: dict[int, int] = {}  # cluster id -> label of its live HNSW element
         self._graph_deleted = 0  # elements marked deleted since the graph was last built
+        self._graph_base: np.ndarray | None = None  # uint8: hnswlib's serialization at the checkpoint
+        self._graph_base_capacity = 0
+        self._graph_log: list[_LogPart] = []
+        self._graph_log_adds = 0
 
     # ----------------------------------------------------------------------------------- insert
 
@@ -196,7 +258,8 @@ class VectorDB:
     ) -> InsertReport:
         """Insert keys one at a time, in order, by the rules in the module docstring.
 
-        Every argument is validated before anything changes.
+        Every argument is validated before anything changes. Each key is appended to its block's
+        segment; pass all keys of a block in one call to keep segments write-once.
         """
         keys = self._check_keys(keys, "keys")
         n = keys.shape[0]
@@ -212,39 +275,57 @@ class VectorDB:
         for label in labels:
             if not isinstance(label, str):
                 raise ValueError(f"labels must be strings (normalized targets), got {label!r}")
+        self._mutations += 1
+        rows = self._append_to_segments(keys, [int(b) for b in blocks])
         report = InsertReport(actions=[], added=0, expanded=0, conflicts=0, forgotten=[])
-        for key, label, block, edit_id in zip(keys, labels, blocks, edit_ids):
-            action = self._insert_one(key, label, int(block), edit_id, report.forgotten)
+        for key, label, block, row, edit_id in zip(keys, labels, blocks, rows, edit_ids):
+            action = self._insert_one(key, label, int(block), row, edit_id, report.forgotten)
             report.actions.append(action)
             report.added += action == "add"
             report.expanded += action == "expand"
             report.conflicts += action in ("conflict", "supersede")
-            self._compact_index_if_stale()
+            self._maintain_graph()
         self._conflicts_total += report.conflicts
         self._forgotten_total += len(report.forgotten)
         return report
 
+    def _append_to_segments(self, keys: np.ndarray, blocks: list[int]) -> list[int]:
+        """Append each key to its block's segment; returns each key's row there."""
+        rows = []
+        for block in sorted(set(blocks)):
+            mine = [i for i, b in enumerate(blocks) if b == block]
+            old = self._segments.get(block, np.zeros((0, self.dim), np.float32))
+            self._segments[block] = np.concatenate([old, keys[mine]])
+            rows.extend(zip(mine, range(len(old), len(old) + len(mine))))
+        return [row for _, row in sorted(rows)]
+
     def _insert_one(
-        self, key: np.ndarray, label: str, block: int, edit_id: str, forgotten: list[tuple[str, int]]
+        self,
+        key: np.ndarray,
+        label: str,
+        block: int,
+        row: int,
+        edit_id: str,
+        forgotten: list[tuple[str, int]],
     ) -> str:
         nearest = self._nearest(key[None, :])[0]
         if nearest is None:
-            self._create(key[None, :], label, [block], [edit_id], self.r_init, self.r_init)
+            self._create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
             return "add"
         cid, d = nearest
         c = self._clusters[cid]
         if d > c.radius + self.r_init:
-            self._create(key[None, :], label, [block], [edit_id], self.r_init, self.r_init)
+            self._create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
             return "add"
         if c.label == label:
             action = "join" if d <= c.radius else "expand"
-            self._append_member(cid, key, block, edit_id)
+            self._append_member(cid, key, block, row, edit_id)
             self._refit(cid)
             return action
         if d > c.radius:
-            self._conflict(cid, key, label, block, edit_id, d, forgotten)
+            self._conflict(cid, key, label, block, row, edit_id, d, forgotten)
             return "conflict"
-        self._supersede(cid, key, label, block, edit_id, forgotten)
+        self._supersede(cid, key, label, block, row, edit_id, forgotten)
         return "supersede"
 
     def _conflict(
@@ -253,6 +334,7 @@ class VectorDB:
         key: np.ndarray,
         label: str,
         block: int,
+        row: int,
         edit_id: str,
         d: float,
         forgotten: list[tuple[str, int]],
@@ -262,8 +344,11 @@ class VectorDB:
         c.radius = min(c.radius, half)
         c.floor = min(c.floor, c.radius)
         outside = _distances(self._centres[cid], c.keys) > c.radius
+        if outside.any() and c.centre_members is None:
+            # The centre stays the mean of the members it had; remember them (see docstring).
+            c.centre_members = list(zip(c.blocks, c.rows))
         self._remove_members(cid, outside, forgotten)
-        self._create(key[None, :], label, [block], [edit_id], half, half)
+        self._create(key[None, :], label, [block], [row], [edit_id], half, half)
 
     def _supersede(
         self,
@@ -271,6 +356,7 @@ class VectorDB:
         key: np.ndarray,
         label: str,
         block: int,
+        row: int,
         edit_id: str,
         forgotten: list[tuple[str, int]],
     ) -> None:
@@ -287,11 +373,12 @@ class VectorDB:
                 c.keys[g.members],
                 c.label,
                 [c.blocks[i] for i in g.members],
+                [c.rows[i] for i in g.members],
                 [c.edit_ids[i] for i in g.members],
                 g.radius,
                 c.floor,
             )
-        self._create(key[None, :], label, [block], [edit_id], self.r_init, self.r_init)
+        self._create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
 
     @staticmethod
     def _regroup(keys: np.ndarray, order: list[int], floor: float) -> list[_Group]:
@@ -311,13 +398,16 @@ class VectorDB:
             groups.append(_Group(centre=keys[i].copy(), radius=floor, members=[i]))
         return groups
 
+
     # ---------------------------------------------------------------------------------- retract
 
     def retract(self, edit_id: str) -> int:
         """Remove every member of ``edit_id``; refit the clusters that keep members, drop empty ones.
 
-        Returns the number of members removed (0 for an unknown or already retracted edit).
+        Returns the number of members removed (0 for an unknown or already retracted edit). The
+        keys stay in their segments (immutable), unreferenced.
         """
+        self._mutations += 1
         clusters = sorted(self._edit_clusters.get(edit_id, {}))
         removed = 0
         for cid in clusters:
@@ -325,7 +415,7 @@ class VectorDB:
             removed += int(mask.sum())
             if self._remove_members(cid, mask, []):
                 self._refit(cid)
-        self._compact_index_if_stale()
+        self._maintain_graph()
         if removed:
             self._retracted_total += 1
         return removed
@@ -363,7 +453,7 @@ class VectorDB:
                 for hit in self._nearest(queries[start : start + _RECHECK_CHUNK_ROWS])
             ]
         k = min(n_live, CANDIDATES)
-        if n_live <= self.exact_search_max_clusters:
+        if self._index is None or n_live <= self.exact_search_max_clusters:
             candidates = self._scan_candidates(queries, k)
         else:
             try:
@@ -415,11 +505,23 @@ class VectorDB:
             "retracted_total": self._retracted_total,
         }
 
+
+    def clusters(self) -> list[dict[str, Any]]:
+        """Every cluster in id order: its record (as in ``to_state``) plus ``centre`` and member ``keys``.
+
+        For inspection and tests; the arrays are copies.
+        """
+        return [
+            {**self._record(cid), "centre": self._centres[cid].copy(), "keys": self._clusters[cid].keys.copy()}
+            for cid in sorted(self._clusters)
+        ]
+
     def _create(
         self,
         keys: np.ndarray,
         label: str,
         blocks: list[int],
+        rows: list[int],
         edit_ids: list[str],
         radius: float,
         floor: float,
@@ -432,22 +534,27 @@ class VectorDB:
             label=label,
             keys=np.array(keys, dtype=np.float32, copy=True),
             blocks=list(blocks),
+            rows=list(rows),
             edit_ids=list(edit_ids),
         )
         for e in edit_ids:
             counts = self._edit_clusters.setdefault(e, {})
             counts[cid] = counts.get(cid, 0) + 1
-        if cid >= len(self._centres):
-            grow = max(1024, len(self._centres))
-            self._centres = np.concatenate([self._centres, np.zeros((grow, self.dim), np.float32)])
-            self._sq_norms = np.concatenate([self._sq_norms, np.full(grow, np.inf, np.float32)])
+        self._reserve_centre_rows(cid + 1)
         self._set_centre(cid, _mean(keys))
         return cid
 
-    def _append_member(self, cid: int, key: np.ndarray, block: int, edit_id: str) -> None:
+    def _reserve_centre_rows(self, n: int) -> None:
+        if n > len(self._centres):
+            grow = max(1024, len(self._centres), n - len(self._centres))
+            self._centres = np.concatenate([self._centres, np.zeros((grow, self.dim), np.float32)])
+            self._sq_norms = np.concatenate([self._sq_norms, np.full(grow, np.inf, np.float32)])
+
+    def _append_member(self, cid: int, key: np.ndarray, block: int, row: int, edit_id: str) -> None:
         c = self._clusters[cid]
         c.keys = np.concatenate([c.keys, key[None, :]])
         c.blocks.append(block)
+        c.rows.append(row)
         c.edit_ids.append(edit_id)
         counts = self._edit_clusters.setdefault(edit_id, {})
         counts[cid] = counts.get(cid, 0) + 1
@@ -470,6 +577,7 @@ class VectorDB:
         keep = np.flatnonzero(~mask).tolist()
         c.keys = c.keys[keep]
         c.blocks = [c.blocks[i] for i in keep]
+        c.rows = [c.rows[i] for i in keep]
         c.edit_ids = [c.edit_ids[i] for i in keep]
         return True
 
@@ -488,44 +596,92 @@ class VectorDB:
                 self._uncount(e, cid)
         self._sq_norms[cid] = np.inf
         self._centres[cid] = 0.0
-        self._index.mark_deleted(self._graph_labels.pop(cid))
-        self._graph_deleted += 1
+        if self._index is not None:
+            self._graph_delete(self._graph_labels.pop(cid))
 
     def _refit(self, cid: int) -> None:
         c = self._clusters[cid]
         centre = _mean(c.keys)
         c.radius = max(float(_distances(centre, c.keys).max()), c.floor)
+        c.centre_members = None
         self._set_centre(cid, centre)
 
     def _set_centre(self, cid: int, centre: np.ndarray) -> None:
         self._centres[cid] = centre
         self._sq_norms[cid] = float(centre.astype(np.float64) @ centre.astype(np.float64))
+        if self._index is None:
+            return
         # A moved centre becomes a new element rather than an in-place hnswlib update: updates
         # re-prune neighbours' links and measurably orphan unrelated elements (0.05% of queries
         # missed their nearest centre at 3k clusters); a plain insertion does not.
         old = self._graph_labels.get(cid)
         if old is not None:
-            self._index.mark_deleted(old)
-            self._graph_deleted += 1
+            self._graph_delete(old)
         label = cid if old is None else old + (1 << _ID_BITS)
-        if self._index.element_count >= self._index.get_max_elements():
-            self._index.resize_index(max(1024, 2 * self._index.get_max_elements()))
-        # One thread keeps the graph a deterministic function of the insert sequence.
-        self._index.add_items(centre[None, :], np.array([label], dtype=np.uint64), num_threads=1)
+        self._graph_add(label, centre)
         self._graph_labels[cid] = label
 
-    def _compact_index_if_stale(self) -> None:
-        """Rebuild the graph from live centres once deleted elements outnumber live ones."""
-        if self._graph_deleted > max(_COMPACT_MIN_DELETED, len(self._clusters)):
+    # ------------------------------------------------------------------------------------ graph
+
+    def _graph_add(self, label: int, vector: np.ndarray) -> None:
+        assert self._index is not None
+        if self._index.element_count >= self._index.get_max_elements():
+            capacity = max(1024, 2 * self._index.get_max_elements())
+            self._index.resize_index(capacity)
+            self._log(_OP_RESIZE, capacity)
+        # One thread keeps the graph a deterministic function of the operation sequence.
+        self._index.add_items(vector[None, :], np.array([label], dtype=np.uint64), num_threads=1)
+        self._log(_OP_ADD, label, vector)
+        self._graph_log_adds += 1
+
+    def _graph_delete(self, label: int) -> None:
+        assert self._index is not None
+        self._index.mark_deleted(label)
+        self._log(_OP_DELETE, label)
+        self._graph_deleted += 1
+
+    def _log(self, kind: int, value: int, vector: np.ndarray | None = None) -> None:
+        if not self._graph_log or self._graph_log[-1].seq != self._mutations:
+            self._graph_log.append(_LogPart(seq=self._mutations))
+        part = self._graph_log[-1]
+        part.ops.append((kind, int(value)))
+        if vector is not None:
+            part.vectors.append(np.array(vector, dtype=np.float32, copy=True))
+
+    def _maintain_graph(self) -> None:
+        """Build, compact or checkpoint the graph where due (rules: module docstring)."""
+        n_live = len(self._clusters)
+        if self._index is None:
+            if n_live > self.exact_search_max_clusters:
+                self._index = self._build_index()
+                self._checkpoint()
+        elif self._graph_deleted > max(_COMPACT_MIN_DELETED, n_live):
             self._index = self._build_index()
+            self._checkpoint()
+        elif self._graph_log_adds > max(_CHECKPOINT_MIN_ADDS, n_live // _CHECKPOINT_FRACTION):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Make the current graph the base: serialize it, and continue from the reloaded copy.
+
+        Continuing from the reload, not the original, matters: a reload restarts hnswlib's level
+        generator, so only then does a loader that replays later operations on the same base
+        build the same graph.
+        """
+        assert self._index is not None
+        self._graph_base = self._index_bytes()
+        self._graph_base_capacity = self._index.get_max_elements()
+        self._index = self._load_index(self._graph_base, self._graph_base_capacity)
+        self._graph_log = []
+        self._graph_log_adds = 0
 
     def _build_index(self) -> hnswlib.Index:
-        """A fresh graph of the live centres, inserted in cluster-id order."""
+        """A fresh graph of the live centres, inserted in cluster-id order (labels = cluster ids)."""
         ids = sorted(self._clusters)
         index = self._new_index(capacity=max(1024, 2 * len(ids)))
         if ids:
-            labels = np.array([self._graph_labels[cid] for cid in ids], dtype=np.uint64)
-            index.add_items(self._centres[ids], labels, num_threads=1)
+            index.add_items(self._centres[ids], np.array(ids, dtype=np.uint64), num_threads=1)
+        self._graph_labels = {cid: cid for cid in ids}
         self._graph_deleted = 0
         return index
 
@@ -534,6 +690,26 @@ class VectorDB:
         index.init_index(
             max_elements=capacity, ef_construction=self.ef_construction, M=self.hnsw_m, random_seed=self.seed
         )
+        index.set_ef(max(self.ef_search, CANDIDATES))
+        index.set_num_threads(1)
+        return index
+
+    def _index_bytes(self) -> np.ndarray:
+        assert self._index is not None
+        # hnswlib serializes only to a file path; a private temp dir keeps concurrent savers apart.
+        with tempfile.TemporaryDirectory(prefix="melo-hnsw-") as tmp:
+            path = os.path.join(tmp, "index.bin")
+            self._index.save_index(path)
+            with open(path, "rb") as f:
+                return np.frombuffer(f.read(), dtype=np.uint8).copy()
+
+    def _load_index(self, blob: np.ndarray, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="l2", dim=self.dim)
+        with tempfile.TemporaryDirectory(prefix="melo-hnsw-") as tmp:
+            path = os.path.join(tmp, "index.bin")
+            with open(path, "wb") as f:
+                f.write(blob.tobytes())
+            index.load_index(path, max_elements=capacity)
         index.set_ef(max(self.ef_search, CANDIDATES))
         index.set_num_threads(1)
         return index
@@ -552,25 +728,17 @@ class VectorDB:
     def to_state(self, *, include_index: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Serialize to a JSON-able dict and named numpy arrays (safetensors-friendly, no pickle).
 
-        Arrays: ``centres`` [clusters, dim] and ``member_keys`` [members, dim] (float32, clusters
-        in id order, members oldest first), and unless ``include_index`` is false ``hnsw_index``
-        (uint8: hnswlib's own serialization of the graph, so a loaded database routes exactly as
-        this one; without it ``from_state`` rebuilds the graph, which can differ on HNSW misses).
-        Every other array is float32.
+        Array names are ``<file stem>/<tensor>``, grouped so that each stem is one immutable unit:
+
+        - ``keys/<block:06d>/keys`` float32 [rows, dim]: the block's key segment;
+        - ``graph/base/index`` uint8: hnswlib's serialization of the graph at the last checkpoint;
+        - ``graph/<seq:08d>/ops`` uint64 [n, 2] (kind, label or capacity) and
+          ``graph/<seq:08d>/vectors`` float32 [additions, dim]: one mutating call's graph log part.
+
+        The graph arrays exist only while the database has a graph (above
+        ``exact_search_max_clusters`` clusters) and ``include_index`` is true; without them
+        ``from_state`` rebuilds the graph, which can then differ on HNSW misses.
         """
-        ids = sorted(self._clusters)
-        clusters = [
-            {
-                "id": cid,
-                "label": self._clusters[cid].label,
-                "radius": self._clusters[cid].radius,
-                "floor": self._clusters[cid].floor,
-                "blocks": list(self._clusters[cid].blocks),
-                "edit_ids": list(self._clusters[cid].edit_ids),
-                "graph_label": self._graph_labels[cid],
-            }
-            for cid in ids
-        ]
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "dim": self.dim,
@@ -584,26 +752,53 @@ class VectorDB:
             "conflicts_total": self._conflicts_total,
             "forgotten_total": self._forgotten_total,
             "retracted_total": self._retracted_total,
-            "graph_elements": self._index.element_count,
-            "graph_capacity": self._index.get_max_elements(),
+            "mutations": self._mutations,
+            "segments": [
+                {"block": block, "rows": len(keys), "sha256": _sha256(keys)}
+                for block, keys in sorted(self._segments.items())
+            ],
+            "graph": self._index is not None,
+            "graph_elements": 0 if self._index is None else self._index.element_count,
+            "graph_capacity": 0 if self._index is None else self._index.get_max_elements(),
             "graph_deleted": self._graph_deleted,
-            "clusters": clusters,
+            "graph_base_capacity": self._graph_base_capacity,
+            "graph_log": [part.seq for part in self._graph_log],
+            "clusters": [self._record(cid) for cid in sorted(self._clusters)],
         }
-        keys = [self._clusters[cid].keys for cid in ids]
-        arrays = {
-            "centres": self._centres[ids] if ids else np.zeros((0, self.dim), np.float32),
-            "member_keys": np.concatenate(keys) if keys else np.zeros((0, self.dim), np.float32),
-        }
-        if include_index:
-            arrays["hnsw_index"] = self._index_bytes()
+        arrays = {segment_name(block): keys for block, keys in sorted(self._segments.items())}
+        if include_index and self._graph_base is not None:
+            arrays["graph/base/index"] = self._graph_base
+            for part in self._graph_log:
+                arrays[f"graph/{part.seq:08d}/ops"] = np.array(part.ops, dtype=np.uint64).reshape(-1, 2)
+                arrays[f"graph/{part.seq:08d}/vectors"] = (
+                    np.stack(part.vectors) if part.vectors else np.zeros((0, self.dim), np.float32)
+                )
         return state, arrays
+
+    def _record(self, cid: int) -> dict[str, Any]:
+        c = self._clusters[cid]
+        record: dict[str, Any] = {
+            "id": cid,
+            "label": c.label,
+            "radius": c.radius,
+            "floor": c.floor,
+            "blocks": list(c.blocks),
+            "rows": list(c.rows),
+            "edit_ids": list(c.edit_ids),
+        }
+        if c.centre_members is not None:
+            record["centre_members"] = [[block, row] for block, row in c.centre_members]
+        if self._index is not None:
+            record["graph_label"] = self._graph_labels[cid]
+        return record
 
     @classmethod
     def from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> VectorDB:
-        """Rebuild a database written by ``to_state``; validates shapes and counts."""
+        """Rebuild a database written by ``to_state``; validates shapes, checksums and counts."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
-                f"unknown vector DB state format {state.get('format')!r}; expected {STATE_FORMAT!r}"
+                f"unknown vector DB state format {state.get('format')!r}; this runtime reads {STATE_FORMAT!r} "
+                "(an older format must be re-created by re-applying its edits)"
             )
         db = cls(
             state["dim"],
@@ -614,74 +809,113 @@ class VectorDB:
             seed=state["seed"],
             exact_search_max_clusters=state["exact_search_max_clusters"],
         )
-        centres = np.asarray(arrays["centres"], dtype=np.float32)
-        member_keys = np.asarray(arrays["member_keys"], dtype=np.float32)
-        records = state["clusters"]
-        n_members = sum(len(r["blocks"]) for r in records)
-        if centres.shape != (len(records), db.dim) or member_keys.shape != (n_members, db.dim):
-            raise ValueError(
-                f"arrays do not match the state: centres {centres.shape} for {len(records)} clusters, "
-                f"member_keys {member_keys.shape} for {n_members} members of dim {db.dim}"
-            )
-        next_id = int(state["next_cluster_id"])
-        capacity = max(1024, next_id)
-        db._centres = np.zeros((capacity, db.dim), np.float32)
-        db._sq_norms = np.full(capacity, np.inf, np.float32)
-        start = 0
-        for record, centre in zip(records, centres):
-            cid = int(record["id"])
-            m = len(record["blocks"])
-            if not 0 <= cid < next_id or cid in db._clusters or m == 0 or len(record["edit_ids"]) != m:
-                raise ValueError(f"invalid cluster record {cid}: bad id, duplicate, empty or ragged members")
-            db._clusters[cid] = _Cluster(
-                radius=float(record["radius"]),
-                floor=float(record["floor"]),
-                label=record["label"],
-                keys=member_keys[start : start + m].copy(),
-                blocks=[int(b) for b in record["blocks"]],
-                edit_ids=list(record["edit_ids"]),
-            )
-            start += m
-            for e in record["edit_ids"]:
-                counts = db._edit_clusters.setdefault(e, {})
-                counts[cid] = counts.get(cid, 0) + 1
-            db._centres[cid] = centre
-            db._sq_norms[cid] = float(centre.astype(np.float64) @ centre.astype(np.float64))
-            db._graph_labels[cid] = int(record["graph_label"])
-        db._next_id = next_id
+        db._segments = db._segments_from(state["segments"], arrays)
+        db._next_id = int(state["next_cluster_id"])
+        db._reserve_centre_rows(db._next_id)
+        for record in state["clusters"]:
+            db._restore_cluster(record)
         db._conflicts_total = int(state["conflicts_total"])
         db._forgotten_total = int(state["forgotten_total"])
         db._retracted_total = int(state["retracted_total"])
-        if "hnsw_index" in arrays:
-            db._index = db._load_index(np.asarray(arrays["hnsw_index"], dtype=np.uint8), state)
-            db._graph_deleted = int(state["graph_deleted"])
+        db._mutations = int(state["mutations"])
+        graph_arrays = {name: a for name, a in arrays.items() if name.startswith("graph/")}
+        if state["graph"] and graph_arrays:
+            db._restore_graph(state, graph_arrays)
+        elif graph_arrays:
+            raise ValueError(f"arrays do not match the state: graph arrays {sorted(graph_arrays)[:3]} for a state without a graph")
         else:
-            db._index = db._build_index()
+            db._maintain_graph()  # a saved graph left out: build it as the live database would
         return db
 
-    def _index_bytes(self) -> np.ndarray:
-        # hnswlib serializes only to a file path; a private temp dir keeps concurrent savers apart.
-        with tempfile.TemporaryDirectory(prefix="melo-hnsw-") as tmp:
-            path = os.path.join(tmp, "index.bin")
-            self._index.save_index(path)
-            with open(path, "rb") as f:
-                return np.frombuffer(f.read(), dtype=np.uint8).copy()
+    def _segments_from(self, records: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+        segments = {}
+        for record in records:
+            block, name = int(record["block"]), segment_name(int(record["block"]))
+            keys = arrays.get(name)
+            expected = (int(record["rows"]), self.dim)
+            if keys is None or keys.shape != expected or _sha256(np.asarray(keys, np.float32)) != record["sha256"]:
+                got = "missing" if keys is None else f"shape {keys.shape}"
+                raise ValueError(
+                    f"arrays do not match the state: segment {name!r} is {got}, expected shape {expected} "
+                    f"and sha256 {record['sha256'][:12]}..; load the files of one snapshot together"
+                )
+            segments[block] = np.asarray(keys, dtype=np.float32)
+        extra = sorted(n for n in arrays if n.startswith("keys/") and n not in {segment_name(b) for b in segments})
+        if extra:
+            raise ValueError(f"arrays do not match the state: segments {extra[:3]} are not in the state")
+        return segments
 
-    def _load_index(self, blob: np.ndarray, state: dict[str, Any]) -> hnswlib.Index:
-        index = hnswlib.Index(space="l2", dim=self.dim)
-        with tempfile.TemporaryDirectory(prefix="melo-hnsw-") as tmp:
-            path = os.path.join(tmp, "index.bin")
-            with open(path, "wb") as f:
-                f.write(blob.tobytes())
-            # The saved capacity, so that saving again gives the same bytes.
-            index.load_index(path, max_elements=int(state["graph_capacity"]))
-        index.set_ef(max(self.ef_search, CANDIDATES))
-        index.set_num_threads(1)
-        if index.element_count != state["graph_elements"]:
+    def _member_keys(self, refs: list[tuple[int, int]], cid: int) -> np.ndarray:
+        for block, row in refs:
+            if block not in self._segments or not 0 <= row < len(self._segments[block]):
+                raise ValueError(f"cluster {cid} refers to key (block {block}, row {row}), which no segment holds")
+        return np.stack([self._segments[block][row] for block, row in refs])
+
+    def _restore_cluster(self, record: dict[str, Any]) -> None:
+        cid = int(record["id"])
+        blocks, rows = [int(b) for b in record["blocks"]], [int(r) for r in record["rows"]]
+        m = len(blocks)
+        if not 0 <= cid < self._next_id or cid in self._clusters or m == 0 or not len(rows) == len(record["edit_ids"]) == m:
+            raise ValueError(f"invalid cluster record {cid}: bad id, duplicate, empty or ragged members")
+        keys = self._member_keys(list(zip(blocks, rows)), cid)
+        centre_members = record.get("centre_members")
+        if centre_members is not None:
+            centre_members = [(int(b), int(r)) for b, r in centre_members]
+        self._clusters[cid] = _Cluster(
+            radius=float(record["radius"]),
+            floor=float(record["floor"]),
+            label=record["label"],
+            keys=keys,
+            blocks=blocks,
+            rows=rows,
+            edit_ids=list(record["edit_ids"]),
+            centre_members=centre_members,
+        )
+        for e in record["edit_ids"]:
+            counts = self._edit_clusters.setdefault(e, {})
+            counts[cid] = counts.get(cid, 0) + 1
+        centre = _mean(keys if centre_members is None else self._member_keys(centre_members, cid))
+        self._centres[cid] = centre
+        self._sq_norms[cid] = float(centre.astype(np.float64) @ centre.astype(np.float64))
+
+    def _restore_graph(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Load the base graph and replay the log parts, as the saved database built them."""
+        expected = {"graph/base/index"} | {
+            f"graph/{seq:08d}/{t}" for seq in state["graph_log"] for t in ("ops", "vectors")
+        }
+        if set(arrays) != expected:
             raise ValueError(
-                f"hnsw_index holds {index.element_count} elements but the state says "
-                f"{state['graph_elements']}; the arrays come from a different snapshot"
+                f"arrays do not match the state: graph arrays differ by {sorted(set(arrays) ^ expected)[:4]}"
             )
+        self._graph_base = np.asarray(arrays["graph/base/index"], dtype=np.uint8)
+        self._graph_base_capacity = int(state["graph_base_capacity"])
+        index = self._load_index(self._graph_base, self._graph_base_capacity)
+        for seq in state["graph_log"]:
+            ops = np.asarray(arrays[f"graph/{seq:08d}/ops"], dtype=np.uint64).reshape(-1, 2)
+            vectors = np.asarray(arrays[f"graph/{seq:08d}/vectors"], dtype=np.float32)
+            part = _LogPart(seq=int(seq), ops=[(int(k), int(v)) for k, v in ops], vectors=list(vectors))
+            if sum(k == _OP_ADD for k, _ in part.ops) != len(part.vectors):
+                raise ValueError(f"graph log part {seq} has {len(part.vectors)} vectors for its additions")
+            added = iter(part.vectors)
+            for kind, value in part.ops:
+                if kind == _OP_ADD:
+                    index.add_items(next(added)[None, :], np.array([value], dtype=np.uint64), num_threads=1)
+                    self._graph_log_adds += 1
+                elif kind == _OP_DELETE:
+                    index.mark_deleted(value)
+                elif kind == _OP_RESIZE:
+                    index.resize_index(value)
+                else:
+                    raise ValueError(f"graph log part {seq} has an unknown operation kind {kind}")
+            self._graph_log.append(part)
+        if index.element_count != state["graph_elements"] or index.get_max_elements() != state["graph_capacity"]:
+            raise ValueError(
+                f"the replayed graph holds {index.element_count} elements (capacity {index.get_max_elements()}) "
+                f"but the state says {state['graph_elements']} ({state['graph_capacity']}); the arrays come "
+                "from a different snapshot"
+            )
+        self._graph_labels = {int(r["id"]): int(r["graph_label"]) for r in state["clusters"]}
         if not set(self._graph_labels.values()) <= set(index.get_ids_list()):
-            raise ValueError("hnsw_index is missing live clusters; the arrays come from a different snapshot")
-        return index
+            raise ValueError("the replayed graph is missing live clusters; the arrays come from a different snapshot")
+        self._graph_deleted = int(state["graph_deleted"])
+        self._index = index

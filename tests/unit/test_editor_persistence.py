@@ -44,7 +44,8 @@ def test_a_saved_and_loaded_editor_gives_bit_identical_outputs(make_editor, tmp_
 def test_files_are_safetensors_and_json_with_one_file_per_block(make_editor):
     files = _edited(make_editor).export_files()
     assert sorted(files) == [
-        "blocks/000000.safetensors", "blocks/000001.safetensors", "config.json", "index.json", "keys.safetensors",
+        "blocks/000000.safetensors", "blocks/000001.safetensors", "config.json", "index.json",
+        "keys/000000.safetensors", "keys/000001.safetensors",
     ]
     for name, data in files.items():
         if name.endswith(".json"):
@@ -61,6 +62,58 @@ def test_unchanged_blocks_are_byte_identical_in_later_exports(make_editor):
     assert after["blocks/000000.safetensors"] == before["blocks/000000.safetensors"]
     assert after["blocks/000001.safetensors"] == before["blocks/000001.safetensors"]
     assert "blocks/000002.safetensors" in after and after["index.json"] != before["index.json"]
+
+
+def test_a_new_version_adds_only_its_batch_keys_and_leaves_earlier_files_byte_identical(make_editor):
+    editor = _edited(make_editor)
+    before = editor.export_files()
+    editor.apply_batch([Edit("c", "Mount Everest is in", " Nepal", rephrases=("Everest lies in",))])
+    editor.retract("a")  # drops references to keys, never rows: segments stay as written
+    after = editor.export_files()
+    changed = {name for name in after if before.get(name) != after[name]}
+    assert changed == {"index.json", "blocks/000002.safetensors", "keys/000002.safetensors"}
+    new_keys = safetensors.numpy.load(after["keys/000002.safetensors"])["keys"]
+    # The prompt and its rephrase, in order.
+    assert new_keys.shape == (2, json.loads(after["index.json"])["db"]["dim"])
+
+
+def test_loaded_editor_routes_and_continues_identically_when_routing_uses_the_hnsw_graph(make_editor):
+    files = _edited(make_editor).export_files()
+    # Force the graph path (normally only above 4096 clusters) through the persisted state.
+    index = json.loads(files["index.json"])
+    index["db"]["exact_search_max_clusters"] = 0
+    files["index.json"] = json.dumps(index).encode()
+    model, tokenizer = tiny_model("gpt2")
+    live = MeloEditor.from_files(files, model, tokenizer)
+    live.apply_batch([Edit("c", "Mount Everest is in", " Nepal"), Edit("d", "The sky is", " green")])
+    exported = live.export_files()
+    assert "graph/base.safetensors" in exported and any(n.startswith("graph/0") for n in exported)
+    loaded = MeloEditor.from_files(exported, model, tokenizer)
+    prompts = [*PROMPTS, "Mount Everest is in", "The sky is"]
+    assert loaded.route(prompts) == live.route(prompts)
+    assert loaded.generate(prompts, max_new_tokens=4) == live.generate(prompts, max_new_tokens=4)
+    # Both go on identically: the replayed graph is the live graph, level generator included.
+    for editor in (live, loaded):
+        editor.apply_batch([Edit("e", "Water boils at", " 50 degrees")])
+    assert loaded.export_files() == live.export_files()
+
+
+def test_a_snapshot_of_the_previous_format_is_refused_with_what_to_do(make_editor):
+    files = _edited(make_editor).export_files()
+    index = json.loads(files["index.json"])
+    index["format"] = "melo.editor/1"
+    files["index.json"] = json.dumps(index).encode()
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="melo.editor/1.*re-apply the edits"):
+        MeloEditor.from_files(files, model, tokenizer)
+
+
+def test_a_key_segment_from_another_snapshot_is_refused(make_editor):
+    files = _edited(make_editor).export_files()
+    files["keys/000000.safetensors"] = files["keys/000001.safetensors"]
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="keys/000000"):
+        MeloEditor.from_files(files, model, tokenizer)
 
 
 def test_a_loaded_editor_keeps_editing_from_the_next_block(make_editor, tmp_path):

@@ -16,12 +16,8 @@ def _keys(*points: tuple[float, ...]) -> np.ndarray:
 
 
 def _clusters(db: VectorDB) -> dict[int, dict]:
-    """Cluster records by id, with centres, from the public state."""
-    state, arrays = db.to_state(include_index=False)
-    out = {}
-    for record, centre in zip(state["clusters"], arrays["centres"]):
-        out[record["id"]] = {**record, "centre": centre.tolist()}
-    return out
+    """Cluster records by id, with centres as lists."""
+    return {c["id"]: {**c, "centre": c["centre"].tolist()} for c in db.clusters()}
 
 
 def _insert(db: VectorDB, points, labels, edit_ids, blocks=None):
@@ -205,22 +201,21 @@ def _random_db(n_keys: int, dim: int, seed: int, **kwargs) -> tuple[VectorDB, np
 
 
 def _brute_force_routes(db: VectorDB, queries: np.ndarray) -> list[tuple | None]:
-    """Routing by exhaustive float64 numpy search over the public state."""
-    state, arrays = db.to_state(include_index=False)
-    ids = np.array([c["id"] for c in state["clusters"]])
-    centres = arrays["centres"].astype(np.float64)
-    starts = np.cumsum([0] + [len(c["blocks"]) for c in state["clusters"]])
+    """Routing by exhaustive float64 numpy search over the clusters' centres and member keys."""
+    clusters = db.clusters()
+    ids = np.array([c["id"] for c in clusters])
+    centres = np.stack([c["centre"] for c in clusters]).astype(np.float64)
     routes: list[tuple | None] = []
     for chunk in np.array_split(queries.astype(np.float64), max(1, len(queries) // 200)):
         dist = np.sqrt(((chunk[:, None, :] - centres[None, :, :]) ** 2).sum(-1))
         # Ids ascend along columns: the last minimum is the newest cluster, as ties require.
         best_cols = dist.shape[1] - 1 - np.argmin(dist[:, ::-1], axis=1)
         for row, qd, best in zip(chunk, dist, best_cols):
-            record = state["clusters"][best]
+            record = clusters[best]
             if qd[best] > record["radius"]:
                 routes.append(None)
                 continue
-            members = arrays["member_keys"][starts[best] : starts[best + 1]].astype(np.float64)
+            members = record["keys"].astype(np.float64)
             md = np.sqrt(((members - row) ** 2).sum(-1))
             m = len(md) - 1 - int(np.argmin(md[::-1]))
             routes.append((int(ids[best]), record["blocks"][m], record["edit_ids"][m], float(qd[best])))
@@ -272,7 +267,7 @@ def test_state_round_trip_gives_identical_state_and_routes():
     assert all(np.array_equal(arrays2[k], arrays[k]) for k in arrays)
     queries = keys + np.random.default_rng(6).normal(size=keys.shape).astype(np.float32) * 0.3
     assert _routes(loaded.search(queries)) == _routes(db.search(queries))
-    rebuilt = VectorDB.from_state(state, {k: v for k, v in arrays.items() if k != "hnsw_index"})
+    rebuilt = VectorDB.from_state(state, {k: v for k, v in arrays.items() if not k.startswith("graph/")})
     assert _routes(rebuilt.search(queries)) == _routes(db.search(queries))
 
 
@@ -335,14 +330,86 @@ def test_random_stream_keeps_invariants_and_new_clusters_route_to_their_edit():
             db.retract(f"e{step - 3}")
         if step % 10 == 9:
             # Every member lies inside its cluster's ball; no radius is 0; bookkeeping agrees.
-            state, arrays = db.to_state(include_index=False)
+            clusters = db.clusters()
             start = 0
-            for record, centre in zip(state["clusters"], arrays["centres"]):
-                members = arrays["member_keys"][start : start + len(record["blocks"])]
+            for record in clusters:
+                members = record["keys"]
                 start += len(record["blocks"])
                 assert record["radius"] > 0
-                assert np.linalg.norm(members - centre, axis=1).max() <= record["radius"] + 1e-5
-            assert db.edit_ids() == {e for r in state["clusters"] for e in r["edit_ids"]}
+                assert np.linalg.norm(members - record["centre"], axis=1).max() <= record["radius"] + 1e-5
+            assert db.edit_ids() == {e for r in clusters for e in r["edit_ids"]}
             assert db.stats()["members"] == start
     stats = db.stats()
     assert starts > 30 and stats["conflicts_total"] > 10 and stats["forgotten_total"] > 0
+
+
+def _same_state(a: VectorDB, b: VectorDB) -> bool:
+    (sa, aa), (sb, ab) = a.to_state(), b.to_state()
+    return sa == sb and aa.keys() == ab.keys() and all(np.array_equal(aa[k], ab[k]) for k in aa)
+
+
+def test_loaded_database_evolves_exactly_like_the_live_one_through_checkpoints_and_compaction():
+    live, keys = _random_db(300, 4, seed=13, exact_search_max_clusters=0)
+    loaded = VectorDB.from_state(*live.to_state())
+    rng = np.random.default_rng(14)
+    # 1500 joins into one far cluster: > 1024 graph additions (a checkpoint) and > 1024 deletions
+    # (a rebuild), so the replayed level generator and both maintenance paths are exercised.
+    far = rng.normal(size=(1500, 4)).astype(np.float32) * 0.05 + 50
+    for db in (live, loaded):
+        db.insert(far, ["z"] * 1500, [99] * 1500, [f"far{i}" for i in range(1500)])
+        db.retract("e3")
+    assert _same_state(live, loaded)
+    queries = np.vstack([keys, far]) + rng.normal(size=(1800, 4)).astype(np.float32) * 0.2
+    assert _routes(loaded.search(queries)) == _routes(live.search(queries))
+    again = VectorDB.from_state(*live.to_state())
+    assert _same_state(again, live) and _routes(again.search(queries)) == _routes(live.search(queries))
+
+
+def test_centres_are_recomputed_bit_identically_including_centres_kept_by_a_conflict():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (2.0, 0.0), (1.0, 0.0)], ["a"] * 3, ["e1", "e2", "e3"])
+    _insert(db, [(2.6, 0.0)], ["b"], ["e4"], [1])  # conflict: the centre stays the mean of 3 keys
+    many, _ = _random_db(400, 8, seed=15)
+    for original in (db, many):
+        state, arrays = original.to_state()
+        assert "centres" not in arrays and not any(k.startswith("graph/") for k in arrays)
+        loaded = VectorDB.from_state(json.loads(json.dumps(state)), arrays)
+        for a, b in zip(original.clusters(), loaded.clusters(), strict=True):
+            assert a["centre"].tobytes() == b["centre"].tobytes()
+    kept = db.clusters()[0]
+    assert kept["edit_ids"] == ["e3"] and kept["centre_members"] == [[0, 0], [0, 1], [0, 2]]
+
+
+def test_segments_are_append_only_and_forgetting_or_retracting_never_rewrites_them():
+    db = VectorDB(2, 1.0)
+    _insert(db, [(0.0, 0.0), (2.0, 0.0), (1.0, 0.0)], ["a"] * 3, ["e1", "e2", "e3"], [0, 0, 0])
+    segment = db.to_state()[1]["keys/000000/keys"].copy()
+    _insert(db, [(2.6, 0.0)], ["b"], ["e4"], [1])  # forgets e1 and e2
+    db.retract("e3")
+    state, arrays = db.to_state()
+    assert np.array_equal(arrays["keys/000000/keys"], segment) and len(segment) == 3
+    assert [(s["block"], s["rows"]) for s in state["segments"]] == [(0, 3), (1, 1)]
+    assert [(c["blocks"], c["rows"]) for c in state["clusters"]] == [([1], [0])]
+
+
+def test_the_graph_exists_only_above_the_exact_search_size_and_routes_the_same():
+    db = VectorDB(2, 0.1, exact_search_max_clusters=3)
+    _insert(db, [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0)], ["a"] * 3, ["e1", "e2", "e3"])
+    state, arrays = db.to_state()
+    assert state["graph"] is False and not any(k.startswith("graph/") for k in arrays)
+    _insert(db, [(3.0, 0.0), (4.0, 0.0)], ["a"] * 2, ["e4", "e5"], [1, 1])
+    state, arrays = db.to_state()
+    assert state["graph"] is True and state["graph_elements"] == 5 and "graph/base/index" in arrays
+    loaded = VectorDB.from_state(state, arrays)
+    queries = _keys(*[(x / 2, 0.05) for x in range(10)])
+    assert _routes(loaded.search(queries)) == _routes(db.search(queries))
+    assert [h.edit_id if h else None for h in db.search(_keys((4.0, 0.0), (3.5, 0.0)))] == ["e5", None]
+
+
+def test_from_state_refuses_a_graph_log_part_that_is_missing():
+    db, _ = _random_db(200, 4, seed=16, exact_search_max_clusters=0)
+    db.insert(np.full((1, 4), 9.0, np.float32), ["y0"], [50], ["late"])
+    state, arrays = db.to_state()
+    part = f"graph/{state['graph_log'][-1]:08d}/ops"
+    with pytest.raises(ValueError, match="do not match"):
+        VectorDB.from_state(state, {k: v for k, v in arrays.items() if k != part})
