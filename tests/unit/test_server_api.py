@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from daemon.server import ServeLimits, create_app
+from daemon.server import ServeLimits, build_app, create_app
 from daemon.serving_state import ServingState, VersionHistory
+from daemon.settings import Settings
 from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import Edit, MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
@@ -160,6 +161,30 @@ def test_a_body_over_the_limit_is_refused_with_413_even_without_content_length(c
     response = client.post("/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert "max_body_bytes" in response.json()["detail"]
+
+
+def test_row_and_token_limits_come_from_serve_settings(state: ServingState):
+    state.refresh()
+    limits = ServeLimits.from_settings(Settings(serve={"max_rows": 2, "max_new_tokens": 4}))
+    with TestClient(create_app(state, history=VersionHistory(state), limits=limits)) as client:
+        assert client.post("/v1/generate", json={"prompts": ["a", "b"], "max_new_tokens": 4}).status_code == 200
+        rows = client.post("/v1/generate", json={"prompts": ["a", "b", "c"]})
+        assert rows.status_code == 422 and "serve.max_rows" in rows.json()["detail"]
+        tokens = client.post("/v1/generate", json={"prompts": ["a"], "max_new_tokens": 5})
+        assert tokens.status_code == 422 and "serve.max_new_tokens" in tokens.json()["detail"]
+
+
+def test_served_admin_requests_wait_serve_control_wait_s_for_the_writer(store: FsSnapshotStore, tmp_path: Path):
+    # No writer runs: with control_wait_s = 0 the request is accepted (202) at once, not after 30 s.
+    settings = Settings(model=MODEL, data_dir=tmp_path, snapshot_root=store.root,
+                        serve={"admin_token": TOKEN, "control_wait_s": 0})
+    with TestClient(build_app(settings)) as client:
+        response = client.post("/v1/rollback", json={"to_version": 1, "reason": "test"},
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+    sent = [json.loads(line) for path in (tmp_path / "spool" / "melo.control").glob("http-*.jsonl")
+            for line in path.read_text().splitlines()]
+    assert [(e["type"], e["to_version"], e["request_id"]) for e in sent] == [("rollback", 1, response.json()["request_id"])]
 
 
 def test_openapi_and_metrics_are_served(client: TestClient):

@@ -140,3 +140,15 @@ def test_redis_tls_switches_to_verified_ssl_connections(tmp_path: Path) -> None:
     pool = settings.redis.client().connection_pool
     assert pool.connection_class.__name__ == "SSLConnection"
     assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+
+
+def test_serve_request_limits_and_control_wait_have_defaults_and_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    serve = Settings.load(None).serve
+    assert (serve.max_rows, serve.max_new_tokens, serve.control_wait_s) == (64, 64, 30.0)
+    monkeypatch.setenv("MELO_SERVE__MAX_ROWS", "8")
+    monkeypatch.setenv("MELO_SERVE__CONTROL_WAIT_S", "0")
+    serve = Settings.load(None).serve
+    assert (serve.max_rows, serve.control_wait_s) == (8, 0.0)
+    monkeypatch.setenv("MELO_SERVE__MAX_NEW_TOKENS", "0")
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        Settings.load(None)
