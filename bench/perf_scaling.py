@@ -364,10 +364,11 @@ def check_model(cluster: LoopbackCluster, model: str, expected: set[str]) -> lis
 # --------------------------------------------------------------------------- phases
 
 
-def phase_throughput(cluster: LoopbackCluster, edits_per_model: int, timeout_s: float) -> dict[str, Any]:
-    """Produce a backlog for every model at once; edits/s per model and overall."""
-    models = cluster.spec.model_names()
-    events, expected = events_for(models, edits_per_model, start=0)
+def phase_throughput(cluster: LoopbackCluster, models: Sequence[str], edits_per_model: int, start: int,
+                     timeout_s: float) -> dict[str, Any]:
+    """Produce a backlog of ``edits_per_model`` for each of ``models`` at once (from ``start`` in each
+    model's slice); edits/s per model and overall, from the start of production to the last publish."""
+    events, expected = events_for(models, edits_per_model, start=start)
     before = {m: len(cluster.manifests(m)) for m in models}
     started = time.time()
     cluster.produce(events)
@@ -375,13 +376,13 @@ def phase_throughput(cluster: LoopbackCluster, edits_per_model: int, timeout_s: 
     per_model = {}
     for model in models:
         new = cluster.manifests(model)[before[model]:]
-        last = max(created_ts(m) for m in new)
-        per_model[model] = {"edits": len(expected[model]), "versions": len(new),
-                            "seconds": round(last - started, 2), "edits_per_s": round(len(expected[model]) / (last - started), 2)}
-    last = max(started + row["seconds"] for row in per_model.values())
+        seconds = max(created_ts(m) for m in new) - started
+        per_model[model] = {"edits": len(expected[model]), "versions": len(new), "seconds": round(seconds, 2),
+                            "edits_per_s": round(len(expected[model]) / seconds, 2)}
+    seconds = max(row["seconds"] for row in per_model.values())
     total = sum(len(ids) for ids in expected.values())
-    return {"expected": expected, "started": started, "edits": total, "seconds": round(last - started, 2),
-            "edits_per_s": round(total / (last - started), 2), "per_model": per_model}
+    return {"expected": expected, "edits": total, "seconds": seconds, "edits_per_s": round(total / seconds, 2),
+            "per_model": per_model, "load_average_1m": round(os.getloadavg()[0], 1)}
 
 
 def phase_failover(cluster: LoopbackCluster, edits_per_model: int, outage_edits: int, start: int,
@@ -511,78 +512,111 @@ def run(args: argparse.Namespace, root: Path, bootstrap: str, redis_url: str,
         cluster.start_replicas()
         report["start_seconds"] = round(time.monotonic() - started, 1)
         on_step(f"{len(cluster.writers)} writers and {len(cluster.replicas)} replicas up in {report['start_seconds']}s")
-        throughput = phase_throughput(cluster, args.edits_per_model, args.timeout)
-        on_step(f"throughput: {throughput['edits_per_s']} edits/s overall")
-        failover = phase_failover(cluster, args.failover_edits, args.outage_edits, args.edits_per_model, args.timeout)
-        on_step(f"failover: lease taken {failover['lease_taken_s']}s, first publish {failover['first_publish_s']}s after kill")
+        models = spec.model_names()
+        alone = phase_throughput(cluster, models[:1], args.edits_per_model, 0, args.timeout)
+        on_step(f"one writer alone: {alone['edits_per_s']} edits/s")
+        together = phase_throughput(cluster, models, args.edits_per_model, args.edits_per_model, args.timeout)
+        on_step(f"{len(models)} writers at once: {together['edits_per_s']} edits/s overall")
+        failover = phase_failover(cluster, args.failover_edits, args.outage_edits, 2 * args.edits_per_model,
+                                  args.timeout)
+        on_step(f"failover: lease taken {failover['lease_taken_s']}s, first publish {failover['first_publish_s']}s "
+                "after the kill")
         report["convergence"] = convergence(cluster, args.timeout)
         on_step(f"convergence: {report['convergence']['lag']}")
-        prompts = {m: [e["prompt"] for e in zsre_events(20, model=m, start=MODEL_STRIDE * i)]
-                   for i, m in enumerate(spec.model_names())}
-        current = {m: cluster.store.current(m) for m in spec.model_names()}
-        report["load"] = [
-            serving_load(group, prompts, current, args.load_seconds, args.concurrency, args.max_new_tokens)
-            for group in (cluster.replicas[:1], cluster.replicas)
-        ]
+        report["load"] = load_rounds(cluster, args)
         on_step(f"load: {[row['requests_per_s'] for row in report['load']]} req/s")
-        expected = {m: throughput["expected"][m] | failover["expected"][m] for m in spec.model_names()}
-        report["checks"] = {m: check_model(cluster, m, expected[m]) for m in spec.model_names()}
+        expected = {m: alone["expected"].get(m, set()) | together["expected"][m] | failover["expected"][m]
+                    for m in models}
+        report["checks"] = {m: check_model(cluster, m, expected[m]) for m in models}
         report["lease_lost_lines"] = sum(w.log_text().count("stopping without publishing") for w in cluster.writers)
-        report["throughput"] = {k: v for k, v in throughput.items() if k not in ("expected", "started")}
+        report["throughput"] = [{k: v for k, v in row.items() if k != "expected"} for row in (alone, together)]
         report["failover"] = {k: v for k, v in failover.items() if k != "expected"}
-        report["versions"] = {m: len(cluster.manifests(m)) for m in spec.model_names()}
-        report["writers_by_model"] = {
-            m: [f"v{ms[0].version}-v{ms[-1].version}: {owner}" for owner, g in
-                itertools.groupby(cluster.manifests(m), key=lambda x: x.writer["owner"]) for ms in [list(g)]]
-            for m in spec.model_names()
-        }
+        report["versions"] = {m: len(cluster.manifests(m)) for m in models}
+        report["writers_by_model"] = {m: writer_runs(cluster.manifests(m)) for m in models}
     finally:
         cluster.stop()
     return report
 
 
+def load_rounds(cluster: LoopbackCluster, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Serving load against one replica, the first model's replicas and every replica, ``args.rounds``
+    times in alternating order (the machine is shared: alternation spreads its load over scenarios)."""
+    models = cluster.spec.model_names()
+    prompts = {m: [e["prompt"] for e in zsre_events(20, model=m, start=MODEL_STRIDE * i)] for i, m in enumerate(models)}
+    current = {m: cluster.store.current(m) for m in models}
+    groups = [cluster.replicas[:1], [r for r in cluster.replicas if r.model == models[0]], cluster.replicas]
+    groups = [g for i, g in enumerate(groups) if g and g not in groups[:i]]
+    rows = []
+    for round_ in range(args.rounds):
+        for group in groups if round_ % 2 == 0 else groups[::-1]:
+            row = serving_load(group, prompts, current, args.load_seconds, args.concurrency, args.max_new_tokens)
+            rows.append(row | {"round": round_ + 1, "models": len({r.model for r in group}),
+                               "load_average_1m": round(os.getloadavg()[0], 1)})
+    return rows
+
+
+def writer_runs(manifests: Sequence[Manifest]) -> list[str]:
+    """Which writer published which versions, e.g. ``["v1-v11: host:123", "v12-v14: host:456"]``."""
+    runs = []
+    for owner, group in itertools.groupby(manifests, key=lambda m: m.writer["owner"]):
+        versions = [m.version for m in group]
+        runs.append(f"v{versions[0]}-v{versions[-1]}: {owner}")
+    return runs
+
+
 def render(report: dict[str, Any]) -> str:
     """The markdown tables for bench/RESULTS.md and docs/scaling.md."""
-    spec, tp, fo, conv = report["spec"], report["throughput"], report["failover"], report["convergence"]
+    spec, fo, conv = report["spec"], report["failover"], report["convergence"]
+    throughput_rows = []
+    for phase, row in zip(("first model alone", "all models at once"), report["throughput"], strict=True):
+        for model, one in row["per_model"].items():
+            throughput_rows.append([phase, model, one["edits"], one["versions"], one["edits_per_s"], ""])
+        throughput_rows.append([phase, "**all**", row["edits"], sum(r["versions"] for r in row["per_model"].values()),
+                                f"**{row['edits_per_s']}**", row["load_average_1m"]])
+    lag = conv["lag"]
+    load_rows = [
+        [row["round"], f"{row['replicas']} ({row['models']} model{'s' if row['models'] > 1 else ''})",
+         f"{row['ok']} / {row['errors']}", row["requests_per_s"], f"{row['latency'].get('p50_ms', 0):,.0f}",
+         f"{row['latency'].get('p99_ms', 0):,.0f}", f"{100 * row['routed_share']:.0f}%", row["wrong_version"],
+         row["load_average_1m"]]
+        for row in report["load"]
+    ]
+    checks = report["checks"]
     lines = [
-        f"{spec['models']} models x {spec['writers_per_model']} writer daemons (1 active + standby, per-model "
-        f"consumer groups), {conv['replicas']} serving replicas (follow CURRENT every {spec['serve_poll_s']} s), "
-        f"tiny-gpt2, batch {spec['batch_max_size']}, iterations {spec['iterations'] or 'preset'}, lease TTL "
-        f"{spec['lease_ttl_s']} s, edits topic with {spec['edits_partitions']} partitions. Start-up of all processes: "
+        f"{spec['models']} models x {spec['writers_per_model']} writer daemons (1 active + standby, one consumer "
+        f"group per model), {conv['replicas']} serving replicas (`serve.follow = \"current\"`, `poll_s` "
+        f"{spec['serve_poll_s']}), tiny-gpt2, `batch.max_size` {spec['batch_max_size']}, iterations "
+        f"{spec['iterations'] or 'preset'}, lease TTL {spec['lease_ttl_s']} s (renewed every TTL/4), edits and "
+        f"control topics with {spec['edits_partitions']} partitions. Start-up of every process: "
         f"{report['start_seconds']} s.",
         "",
-        markdown_table(
-            ["model", "edits", "versions", "edits/s (own writer)"],
-            [[m, r["edits"], r["versions"], r["edits_per_s"]] for m, r in tp["per_model"].items()]
-            + [["**all**", tp["edits"], sum(r["versions"] for r in tp["per_model"].values()), f"**{tp['edits_per_s']}**"]],
-        ),
+        markdown_table(["phase", "model", "edits", "versions", "edits/s", "load avg (1 min) after"], throughput_rows),
         "",
         markdown_table(
-            ["failover (SIGKILL of the active writer)", "value"],
+            ["failover: SIGKILL of the active writer", "value"],
             [["model / killed -> successor", f"{fo['model']} / {fo['killed']} -> {fo['successor']}"],
              ["its edits sent but unpublished at the kill / sent while it had no writer",
               f"{fo['unpublished_at_kill']} / {fo['sent_during_outage']}"],
-             ["kill -> standby holds the lease", f"{fo['lease_taken_s']} s (TTL {fo['lease_ttl_s']} s)"],
+             ["kill -> standby holds the lease", f"{fo['lease_taken_s']} s (lease TTL {fo['lease_ttl_s']} s)"],
              ["kill -> standby's first published version", f"{fo['first_publish_s']} s"]],
         ),
         "",
         markdown_table(
-            ["convergence (manifest created -> every replica serves it or newer)", "value"],
+            ["convergence: manifest created -> every replica of the model serves it or newer", "value"],
             [["versions measured", conv["versions"]],
-             ["p50 / p90 / p99 / max ms", " / ".join(f"{conv['lag'][k]:,.0f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))],
-             ["newest version, per model (s)", ", ".join(f"{m} {s}" for m, s in conv["final_version_lag_s"].items())]],
+             ["p50 / p90 / p99 / max ms", " / ".join(f"{lag[k]:,.0f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))],
+             ["newest version of each model (s)", ", ".join(f"{m} {v}" for m, v in conv["final_version_lag_s"].items())]],
         ),
         "",
         markdown_table(
-            ["serving load", "ok / errors", "req/s", "p50 ms", "p99 ms", "rows routed", "answered by a version other than CURRENT"],
-            [[f"{row['replicas']} replica(s), {row['concurrency']} clients, {row['seconds']} s", f"{row['ok']} / {row['errors']}",
-              row["requests_per_s"], f"{row['latency'].get('p50_ms', 0):,.0f}", f"{row['latency'].get('p99_ms', 0):,.0f}",
-              f"{100 * row['routed_share']:.0f}%", row["wrong_version"]] for row in report["load"]],
+            ["round", "replicas", "ok / errors", "req/s", "p50 ms", "p99 ms", "rows routed", "not CURRENT",
+             "load avg after"],
+            load_rows,
         ),
         "",
-        "Invariants: " + ("all hold (" if not any(report["checks"].values()) else "VIOLATED (")
-        + "; ".join(f"{m}: {len(p)} problems" for m, p in report["checks"].items())
-        + f"); lease-lost exits {report['lease_lost_lines']}; writers per model "
+        "Invariants: " + ("all hold" if not any(checks.values()) else "VIOLATED") + " ("
+        + "; ".join(f"{m}: {len(p)} problems" for m, p in checks.items())
+        + f"); lease-lost exits: {report['lease_lost_lines']}; versions by writer: "
         + "; ".join(f"{m}: {', '.join(w)}" for m, w in report["writers_by_model"].items()) + ".",
     ]
     return "\n".join(lines)
@@ -595,7 +629,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--writers", type=int, default=2, help="writer daemons per model (1 active + standbys)")
     parser.add_argument("--replicas", type=int, default=2, help="serving replicas per model")
     parser.add_argument("--partitions", type=int, default=3, help="partitions of the edits and control topics")
-    parser.add_argument("--edits-per-model", type=int, default=100, help="backlog per model, throughput phase")
+    parser.add_argument("--edits-per-model", type=int, default=100,
+                        help="backlog per model in the throughput phases (first model alone, then all at once)")
     parser.add_argument("--failover-edits", type=int, default=30, help="edits per model, failover phase, before the kill")
     parser.add_argument("--outage-edits", type=int, default=10, help="edits per model produced right after the kill")
     parser.add_argument("--batch", type=int, default=10, help="batch.max_size")
@@ -603,12 +638,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lease-ttl", type=float, default=5.0, help="redis.lease_ttl_s (renewed every TTL/4)")
     parser.add_argument("--poll", type=float, default=0.5, help="serve.poll_s of the replicas")
     parser.add_argument("--load-seconds", type=float, default=15.0)
-    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--concurrency", type=int, default=6, help="closed-loop client threads")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the serving scenarios (alternating order)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=240.0, help="deadline of each wait")
     parser.add_argument("--out", type=Path, default=Path("bench/out/perf"))
     args = parser.parse_args(argv)
-    per_model = args.edits_per_model + args.failover_edits + args.outage_edits
+    per_model = 2 * args.edits_per_model + args.failover_edits + args.outage_edits
     if per_model > MODEL_STRIDE:
         parser.error(f"{per_model} edits per model: at most {MODEL_STRIDE} (each model edits its own slice of zsRE)")
     return args

@@ -24,7 +24,9 @@ EDITS_IN_OUTAGE = 5  # per model, sent while the first model has no writer
 TIMEOUT_S = 90.0
 
 
-def test_writers_per_model_fail_over_exactly_once_and_replicas_converge(tmp_path: Path, kafka_broker, redis_server) -> None:
+def test_writers_per_model_fail_over_exactly_once_and_replicas_converge(
+    tmp_path: Path, kafka_broker, redis_server
+) -> None:
     spec = ClusterSpec(models=2, writers_per_model=2, replicas_per_model=2, served_models=1, edits_partitions=2,
                        batch_max_size=5, iterations=5, lease_ttl_s=3.0, serve_poll_s=0.2,
                        prefix=f"sc{os.getpid() % 100000}-{uuid.uuid4().hex[:6]}")
@@ -33,7 +35,7 @@ def test_writers_per_model_fail_over_exactly_once_and_replicas_converge(tmp_path
     try:
         cluster.start_writers()
         cluster.start_replicas()
-        throughput = phase_throughput(cluster, EDITS_BEFORE_KILL, TIMEOUT_S)
+        throughput = phase_throughput(cluster, spec.model_names(), EDITS_BEFORE_KILL, 0, TIMEOUT_S)
         failover = phase_failover(cluster, EDITS_AROUND_KILL, EDITS_IN_OUTAGE, EDITS_BEFORE_KILL, TIMEOUT_S)
         served = spec.served()[0]
         current = cluster.store.current(served)
