@@ -87,10 +87,10 @@ def export_files(config: MeloConfig, factors: Mapping[str, BlockFactors], db: Ve
 def copy_db(db: VectorDB) -> VectorDB:
     """An independent copy of ``db`` that routes, and evolves, exactly like it.
 
-    Made through the persisted state, so every database the editor writes to is one a loader
-    would rebuild from that state: live and loaded editors cannot drift apart.
+    Made through the persisted state (``VectorDB.copy``), so every database the editor writes to
+    is one a loader would rebuild from that state: live and loaded editors cannot drift apart.
     """
-    return VectorDB.from_state(*db.to_state())
+    return db.copy()
 
 
 def read_files(files: Mapping[str, bytes]) -> EditorState:

@@ -238,6 +238,7 @@ class VectorDB:
         # Block -> every key inserted with that block, in order. Arrays are never written in place
         # (an append makes a new array), so copies of the database may share them.
         self._segments: dict[int, np.ndarray] = {}
+        self._segment_sha: dict[int, str] = {}  # block -> sha256 of its segment, computed once
         self._mutations = 0  # insert/retract calls so far: numbers the graph log parts
         self._index: hnswlib.Index | None = None  # None while search scans exactly (see docstring)
         self._graph_labels: dict[int, int] = {}  # cluster id -> label of its live HNSW element
@@ -296,6 +297,7 @@ class VectorDB:
             mine = [i for i, b in enumerate(blocks) if b == block]
             old = self._segments.get(block, np.zeros((0, self.dim), np.float32))
             self._segments[block] = np.concatenate([old, keys[mine]])
+            self._segment_sha.pop(block, None)
             rows.extend(zip(mine, range(len(old), len(old) + len(mine))))
         return [row for _, row in sorted(rows)]
 
@@ -754,7 +756,7 @@ class VectorDB:
             "retracted_total": self._retracted_total,
             "mutations": self._mutations,
             "segments": [
-                {"block": block, "rows": len(keys), "sha256": _sha256(keys)}
+                {"block": block, "rows": len(keys), "sha256": self._segment_digest(block)}
                 for block, keys in sorted(self._segments.items())
             ],
             "graph": self._index is not None,
@@ -775,6 +777,11 @@ class VectorDB:
                 )
         return state, arrays
 
+    def _segment_digest(self, block: int) -> str:
+        if block not in self._segment_sha:
+            self._segment_sha[block] = _sha256(self._segments[block])
+        return self._segment_sha[block]
+
     def _record(self, cid: int) -> dict[str, Any]:
         c = self._clusters[cid]
         record: dict[str, Any] = {
@@ -792,9 +799,21 @@ class VectorDB:
             record["graph_label"] = self._graph_labels[cid]
         return record
 
+    def copy(self) -> VectorDB:
+        """An independent database that routes, and evolves, exactly like this one.
+
+        Made through the persisted state (less the checksums of its own segments), so it is exactly
+        what a loader of this database's snapshot would build.
+        """
+        return self._from_state(*self.to_state(), verify=False)
+
     @classmethod
     def from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> VectorDB:
         """Rebuild a database written by ``to_state``; validates shapes, checksums and counts."""
+        return cls._from_state(state, arrays, verify=True)
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], *, verify: bool) -> VectorDB:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"unknown vector DB state format {state.get('format')!r}; this runtime reads {STATE_FORMAT!r} "
@@ -809,7 +828,8 @@ class VectorDB:
             seed=state["seed"],
             exact_search_max_clusters=state["exact_search_max_clusters"],
         )
-        db._segments = db._segments_from(state["segments"], arrays)
+        db._segments = db._segments_from(state["segments"], arrays, verify=verify)
+        db._segment_sha = {int(r["block"]): r["sha256"] for r in state["segments"]}
         db._next_id = int(state["next_cluster_id"])
         db._reserve_centre_rows(db._next_id)
         for record in state["clusters"]:
@@ -822,18 +842,26 @@ class VectorDB:
         if state["graph"] and graph_arrays:
             db._restore_graph(state, graph_arrays)
         elif graph_arrays:
-            raise ValueError(f"arrays do not match the state: graph arrays {sorted(graph_arrays)[:3]} for a state without a graph")
+            raise ValueError(
+                f"arrays do not match the state: graph arrays {sorted(graph_arrays)[:3]} for a state without a graph"
+            )
         else:
             db._maintain_graph()  # a saved graph left out: build it as the live database would
         return db
 
-    def _segments_from(self, records: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    def _segments_from(
+        self, records: list[dict[str, Any]], arrays: dict[str, np.ndarray], *, verify: bool
+    ) -> dict[int, np.ndarray]:
         segments = {}
         for record in records:
             block, name = int(record["block"]), segment_name(int(record["block"]))
             keys = arrays.get(name)
             expected = (int(record["rows"]), self.dim)
-            if keys is None or keys.shape != expected or _sha256(np.asarray(keys, np.float32)) != record["sha256"]:
+            if (
+                keys is None
+                or keys.shape != expected
+                or (verify and _sha256(np.asarray(keys, np.float32)) != record["sha256"])
+            ):
                 got = "missing" if keys is None else f"shape {keys.shape}"
                 raise ValueError(
                     f"arrays do not match the state: segment {name!r} is {got}, expected shape {expected} "
@@ -855,7 +883,8 @@ class VectorDB:
         cid = int(record["id"])
         blocks, rows = [int(b) for b in record["blocks"]], [int(r) for r in record["rows"]]
         m = len(blocks)
-        if not 0 <= cid < self._next_id or cid in self._clusters or m == 0 or not len(rows) == len(record["edit_ids"]) == m:
+        ragged = not len(rows) == len(record["edit_ids"]) == m
+        if not 0 <= cid < self._next_id or cid in self._clusters or m == 0 or ragged:
             raise ValueError(f"invalid cluster record {cid}: bad id, duplicate, empty or ragged members")
         keys = self._member_keys(list(zip(blocks, rows)), cid)
         centre_members = record.get("centre_members")
@@ -914,6 +943,8 @@ class VectorDB:
                 f"but the state says {state['graph_elements']} ({state['graph_capacity']}); the arrays come "
                 "from a different snapshot"
             )
+        if any("graph_label" not in r for r in state["clusters"]):
+            raise ValueError("a cluster record lacks its graph_label although the state has a graph")
         self._graph_labels = {int(r["id"]): int(r["graph_label"]) for r in state["clusters"]}
         if not set(self._graph_labels.values()) <= set(index.get_ids_list()):
             raise ValueError("the replayed graph is missing live clusters; the arrays come from a different snapshot")

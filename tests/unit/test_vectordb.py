@@ -413,3 +413,16 @@ def test_from_state_refuses_a_graph_log_part_that_is_missing():
     part = f"graph/{state['graph_log'][-1]:08d}/ops"
     with pytest.raises(ValueError, match="do not match"):
         VectorDB.from_state(state, {k: v for k, v in arrays.items() if k != part})
+
+
+def test_copy_is_independent_and_evolves_exactly_like_the_original():
+    original, keys = _random_db(300, 4, seed=17, exact_search_max_clusters=0)
+    copied = original.copy()
+    before = original.to_state()
+    copied.insert(keys[:20] + 0.01, ["y9"] * 20, [77] * 20, [f"c{i}" for i in range(20)])
+    copied.retract("e5")
+    after = original.to_state()
+    assert after[0] == before[0] and all(np.array_equal(after[1][k], before[1][k]) for k in before[1])
+    original.insert(keys[:20] + 0.01, ["y9"] * 20, [77] * 20, [f"c{i}" for i in range(20)])
+    original.retract("e5")
+    assert _same_state(original, copied)
