@@ -542,7 +542,9 @@ def load_rounds(cluster: LoopbackCluster, args: argparse.Namespace) -> list[dict
     """Serving load against one replica, the first model's replicas and every replica, ``args.rounds``
     times in alternating order (the machine is shared: alternation spreads its load over scenarios)."""
     models = cluster.spec.model_names()
-    prompts = {m: [e["prompt"] for e in zsre_events(20, model=m, start=MODEL_STRIDE * i)] for i, m in enumerate(models)}
+    # Prompts every model was edited on in the all-at-once phase (a few may since be forgotten by conflicts).
+    edited, _ = events_for(models, 20, start=args.edits_per_model)
+    prompts = {m: [e["prompt"] for e in edited if e["model"] == m] for m in models}
     current = {m: cluster.store.current(m) for m in models}
     groups = [cluster.replicas[:1], [r for r in cluster.replicas if r.model == models[0]], cluster.replicas]
     groups = [g for i, g in enumerate(groups) if g and g not in groups[:i]]
