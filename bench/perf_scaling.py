@@ -1,6 +1,6 @@
 """Scaling on loopback: several writer daemons and serving replicas sharing one broker, Redis and store.
 
-    python -m bench.perf_scaling --models 3 --edits-per-model 100 --failover-edits 30 --replicas 2
+    python -m bench.perf_scaling --models 3 --writers 2 --replicas 2 --edits-per-model 100
 
 DESIGN.md §7 as docs/scaling.md lays it out, run as separate processes on 127.0.0.1: one Tansu
 Kafka-protocol broker and one Redis (``tests.services``), one filesystem snapshot root, and per model
@@ -15,17 +15,19 @@ PID, killed with a real SIGKILL; the fork server only spares each start the torc
 
 Phases, each measured separately:
 
-1. **Throughput** -- ``--edits-per-model`` real zsRE edit events per model are produced at once
-   (models interleaved); edits/s = edits / (last publish - start of production), per model and
-   overall. Per-model version counts come from the manifests.
+1. **Throughput** -- ``--edits-per-model`` real zsRE edit events for the first model alone, then as
+   many per model for every model at once (models interleaved); edits/s = edits / (last publish -
+   start of production), per model and overall, so one writer's rate stands beside all of theirs.
 2. **Failover** -- ``--failover-edits`` more per model; as soon as the first model's active writer
-   has published one version of them it is SIGKILLed. Takeover = kill -> the standby holds the lease
-   (Redis, polled every 20 ms), and kill -> the standby's first published version.
+   has published one version of them it is SIGKILLed, and ``--outage-edits`` more per model are sent
+   while that model has no writer. Takeover = kill -> the standby holds the lease (Redis, polled
+   every 20 ms), and kill -> the standby's first published version.
 3. **Convergence** (over phases 1-2) -- for every published version v: the time from its manifest's
    ``created_at`` to the moment every replica of that model serves v or newer (the replica's own
    "serving <model> version <n>" log line, millisecond timestamps).
-4. **Serving load** -- ``--concurrency`` client threads for ``--load-seconds`` against one replica,
-   then against every replica (round robin), with the writers idle: requests/s and latency.
+4. **Serving load** -- ``--concurrency`` closed-loop client threads for ``--load-seconds`` against
+   one replica, the first model's replicas and every replica (round robin), ``--rounds`` times in
+   alternating order, with the writers idle: requests/s, latency, rows routed, answers not from CURRENT.
 
 Then the invariants are checked from the stores: every edit in exactly one version per model,
 versions contiguous, one writer per model at any time (fencing tokens non-decreasing, each writer's
@@ -416,10 +418,12 @@ def phase_failover(cluster: LoopbackCluster, edits_per_model: int, outage_edits:
     successor = cluster.active_writer(victim_model)
     expected = {m: expected[m] | outage_expected[m] for m in models}
     cluster.wait_published(expected, timeout_s)
-    first_publish = min(created_ts(m) for m in cluster.manifests(victim_model) if m.writer["owner"] == successor.owner)
+    successor_versions = [m for m in cluster.manifests(victim_model) if m.writer["owner"] == successor.owner]
+    first_publish = min(created_ts(m) for m in successor_versions)
     return {"expected": expected, "model": victim_model, "killed": victim.name, "successor": successor.name,
-            "unpublished_at_kill": pending, "sent_during_outage": outage_edits, "lease_taken_s": round(leased_at - killed_at, 2),
-            "first_publish_s": round(first_publish - killed_at, 2), "lease_ttl_s": cluster.spec.lease_ttl_s}
+            "unpublished_at_kill": pending, "sent_during_outage": outage_edits,
+            "lease_taken_s": round(leased_at - killed_at, 2), "first_publish_s": round(first_publish - killed_at, 2),
+            "lease_ttl_s": cluster.spec.lease_ttl_s}
 
 
 def convergence(cluster: LoopbackCluster, timeout_s: float) -> dict[str, Any]:
@@ -607,7 +611,8 @@ def render(report: dict[str, Any]) -> str:
             ["convergence: manifest created -> every replica of the model serves it or newer", "value"],
             [["versions measured", conv["versions"]],
              ["p50 / p90 / p99 / max ms", " / ".join(f"{lag[k]:,.0f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))],
-             ["newest version of each model (s)", ", ".join(f"{m} {v}" for m, v in conv["final_version_lag_s"].items())]],
+             ["newest version of each model (s)",
+              ", ".join(f"{m} {v}" for m, v in conv["final_version_lag_s"].items())]],
         ),
         "",
         markdown_table(
@@ -633,7 +638,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=3, help="partitions of the edits and control topics")
     parser.add_argument("--edits-per-model", type=int, default=100,
                         help="backlog per model in the throughput phases (first model alone, then all at once)")
-    parser.add_argument("--failover-edits", type=int, default=30, help="edits per model, failover phase, before the kill")
+    parser.add_argument("--failover-edits", type=int, default=30, help="edits per model sent before the kill")
     parser.add_argument("--outage-edits", type=int, default=10, help="edits per model produced right after the kill")
     parser.add_argument("--batch", type=int, default=10, help="batch.max_size")
     parser.add_argument("--iterations", type=int, default=None, help="training steps per block (default: preset)")

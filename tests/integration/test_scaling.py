@@ -15,7 +15,15 @@ from pathlib import Path
 
 import httpx
 
-from bench.perf_scaling import ClusterSpec, LoopbackCluster, phase_failover, phase_throughput
+from bench.perf_scaling import (
+    ClusterSpec,
+    LoopbackCluster,
+    check_model,
+    convergence,
+    phase_failover,
+    phase_throughput,
+    serving_load,
+)
 from tests.services import wait_until
 
 EDITS_BEFORE_KILL = 20  # per model
@@ -45,10 +53,18 @@ def test_writers_per_model_fail_over_exactly_once_and_replicas_converge(
             response = httpx.post(f"{replica.url}/v1/generate", json={"prompts": ["The sky is"], "max_new_tokens": 2},
                                   timeout=30)
             assert response.status_code == 200 and response.json()["version"] == current, response.text
+        converged = convergence(cluster, TIMEOUT_S)
+        prompts = {served: ["The sky is", "My car is"]}
+        load = serving_load(cluster.replicas, prompts, {served: current}, seconds=1.0, concurrency=2, max_new_tokens=2)
         live_standbys = [w for w in cluster.writers if w.alive() and "writer token" not in w.log_text()]
     finally:
         cluster.stop()
 
+    # Every version, the successor's included, reached both replicas (within a poll plus a load, not asserted:
+    # the machine is shared); under load both replicas answered, all from CURRENT.
+    assert converged["versions"] == len(cluster.manifests(served))
+    assert load["errors"] == 0 and load["wrong_version"] == 0
+    assert set(load["per_replica"]) == {r.name for r in cluster.replicas}
     assert failover["killed"] != failover["successor"]
     assert failover["lease_taken_s"] < spec.lease_ttl_s + 5, failover
     assert len(live_standbys) == 1, "the other model's standby must still be standing by, never a writer"
@@ -67,5 +83,6 @@ def test_writers_per_model_fail_over_exactly_once_and_replicas_converge(
         records = cluster.records(model)
         assert records.current_version(model) == cluster.store.current(model) == manifests[-1].version
         assert records.applied(model, expected) == expected
+        assert check_model(cluster, model, expected) == [], "the benchmark's own checks must agree"
     for writer in cluster.writers:
         assert "stopping without publishing" not in writer.log_text(), f"{writer.name} lost its lease to a live writer"
