@@ -125,7 +125,7 @@ def _print_summary(settings: Settings, worker: Any, seconds: float, config_path:
     config = f" --config {config_path}" if config_path else ""
     _say(f"  inspect it         melo snapshots list{config}   ·   melo inspect clusters{config}")
     _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/generate "
-         "-H 'content-type: application/json' -d '{\"prompts\": [\"What is the product made by UniFirst?\"]}'")
+         "-H 'content-type: application/json' -d '{\"prompts\": [\"<an edited prompt>\"]}'")
 
 
 # ----------------------------------------------------------------------------- produce
