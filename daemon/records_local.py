@@ -13,16 +13,14 @@ host (or sharing a filesystem with synchronised clocks) fence each other as they
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from daemon.durable import locked, replace_file
 from daemon.errors import Fenced, VersionMoved
 from daemon.records import Lease, encode_clusters
 from schemas import MODEL_NAME
@@ -145,34 +143,10 @@ class LocalRecordStore:
             return dict(default)
 
     def _write(self, model: str, name: str, doc: dict[str, Any]) -> None:
-        directory = self._model_dir(model)
-        data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
-        tmp = directory / f".tmp-{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, directory / name)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(self._model_dir(model) / name, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
 
-    @contextmanager
-    def _locked(self, model: str) -> Iterator[None]:
-        directory = self._model_dir(model)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self, model: str) -> AbstractContextManager[None]:
+        return locked(self._model_dir(model))
 
     def _model_dir(self, model: str) -> Path:
         if not isinstance(model, str) or not MODEL_NAME.match(model):

@@ -17,19 +17,16 @@ model's lock, so retention can never delete a blob that a manifest being publish
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from daemon.durable import TMP_PREFIX, fsync_dir, locked, write_temp
 from daemon.errors import CorruptSnapshot, SnapshotNotFound, VersionConflict
 from daemon.snapshots import (
     MANIFEST_FORMAT,
@@ -43,7 +40,6 @@ from daemon.snapshots import (
 from schemas import MODEL_NAME, manifest_problems
 
 _MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
-_TMP_PREFIX = ".tmp-"
 _READ_CHUNK = 1 << 20
 
 
@@ -68,7 +64,7 @@ class FsSnapshotStore:
             manifest = self._build_manifest(model, refs, parent=parent, meta=meta)
             for name, data in files.items():
                 self._put_blob(model, refs[name], data)
-            self._fsync_dir(self._blob_dir(model))
+            fsync_dir(self._blob_dir(model))
             return self._commit_manifest(manifest, make_current=make_current)
 
     def restore(
@@ -196,7 +192,7 @@ class FsSnapshotStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def retain(self, model: str, keep_last: int, keep_statuses: frozenset[str]) -> RetentionReport:
         """Delete old versions and the blobs only they used; see `SnapshotStore.retain`."""
@@ -218,7 +214,7 @@ class FsSnapshotStore:
             for n in removed_versions:
                 self._manifest_path(model, n).unlink()
                 self._marks_path(model, n).unlink(missing_ok=True)
-            self._fsync_dir(self._versions_dir(model))
+            fsync_dir(self._versions_dir(model))
 
             blob_dir = self._blob_dir(model)
             freed = _remove_temp_files(blob_dir, self._versions_dir(model), self._model_dir(model))
@@ -228,7 +224,7 @@ class FsSnapshotStore:
                     freed += path.stat().st_size
                     path.unlink()
                     removed_blobs.append(path.name)
-            self._fsync_dir(blob_dir)
+            fsync_dir(blob_dir)
             return RetentionReport(removed_versions, removed_blobs, freed)
 
     def _build_manifest(
@@ -276,7 +272,7 @@ class FsSnapshotStore:
         doc = manifest.to_dict()
         versions_dir = self._versions_dir(model)
         versions_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._write_temp(versions_dir, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
+        tmp = write_temp(versions_dir, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
         final = self._manifest_path(model, version)
         try:
             os.link(tmp, final)  # atomic and exclusive: fails if version n exists
@@ -287,7 +283,7 @@ class FsSnapshotStore:
             ) from None
         finally:
             tmp.unlink()
-        self._fsync_dir(versions_dir)
+        fsync_dir(versions_dir)
         if make_current:
             self._set_current_locked(model, version)
         return manifest
@@ -301,15 +297,15 @@ class FsSnapshotStore:
         # An existing blob is re-hashed, not trusted: a damaged copy is replaced instead of reused.
         if existing != (ref.bytes, ref.sha256):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._write_temp(path.parent, data)
+            tmp = write_temp(path.parent, data)
             os.chmod(tmp, 0o444)
             os.replace(tmp, path)
 
     def _set_current_locked(self, model: str, version: int) -> None:
         directory = self._model_dir(model)
-        tmp = self._write_temp(directory, f"{version}\n".encode("ascii"))
+        tmp = write_temp(directory, f"{version}\n".encode("ascii"))
         os.replace(tmp, directory / "CURRENT")
-        self._fsync_dir(directory)
+        fsync_dir(directory)
 
     def _status(self, model: str, version: int) -> Status | None:
         path = self._marks_path(model, version)
@@ -335,43 +331,8 @@ class FsSnapshotStore:
             return []
         return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _MANIFEST_NAME.match(p.name)))
 
-    @contextmanager
-    def _locked(self, model: str) -> Iterator[None]:
-        directory = self._model_dir(model)
-        directory.mkdir(parents=True, exist_ok=True)
-        # flock, not lockf: it also excludes a second open file in the same process (scheduler thread).
-        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _write_temp(self, directory: Path, data: bytes) -> Path:
-        tmp = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return tmp
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError as exc:  # some network filesystems refuse fsync on directories
-            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-                raise
-        finally:
-            os.close(fd)
+    def _locked(self, model: str) -> AbstractContextManager[None]:
+        return locked(self._model_dir(model))
 
     def _model_dir(self, model: str) -> Path:
         if not isinstance(model, str) or not MODEL_NAME.match(model):
@@ -398,7 +359,7 @@ def _remove_temp_files(*directories: Path) -> int:
     """Delete leftovers of writes interrupted by a crash; the caller holds the lock, so none is live."""
     freed = 0
     for directory in directories:
-        for path in directory.glob(f"{_TMP_PREFIX}*") if directory.is_dir() else []:
+        for path in directory.glob(f"{TMP_PREFIX}*") if directory.is_dir() else []:
             freed += path.stat().st_size
             path.unlink()
     return freed
