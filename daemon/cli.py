@@ -93,11 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     monitor = monitor_for_worker(worker, settings)
     monitor.schedule(scheduler)
     worker.on_edit_published(monitor.after_publish)
+    learned: set[str] = set()  # for the summary: the edit ids the trainer reported learned this run
+    worker.on_edit_published(lambda _manifest, _events, learned_ids: learned.update(learned_ids))
     try:
         status = worker.run(until_idle=args.until_idle)
     finally:
         scheduler.shutdown(wait=False)
-    _print_summary(settings, worker, time.monotonic() - started, args.config)
+    _print_summary(settings, worker, monitor, learned, time.monotonic() - started, args.config)
     sys.stdout.flush()
     sys.stderr.flush()
     if worker.training_abandoned:
@@ -106,7 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def _print_summary(settings: Settings, worker: Any, seconds: float, config_path: str | None) -> None:
+def _print_summary(
+    settings: Settings, worker: Any, monitor: Any, learned: set[str], seconds: float, config_path: str | None
+) -> None:
     p = worker.progress
     stats = worker.editor.stats() if worker.editor is not None else {}
     root = Path(settings.snapshot_root).resolve()
@@ -119,6 +123,7 @@ def _print_summary(settings: Settings, worker: Any, seconds: float, config_path:
         f"  blocks {stats.get('blocks', 0)}, clusters {stats.get('clusters', 0)}, conflicts {stats.get('conflicts_total', 0)}, "
         f"forgotten {stats.get('forgotten_total', 0)}, edits reachable {len(worker.editor.edit_ids()) if worker.editor else 0}"
     )
+    _print_edit_examples(worker, monitor, learned)
     _say(f"  CURRENT            {root / settings.model / 'CURRENT'}")
     if settings.kafka is None:
         _say(f"  receipts / DLQ     {Path(settings.data_dir).resolve() / 'outbox'}")
@@ -126,6 +131,56 @@ def _print_summary(settings: Settings, worker: Any, seconds: float, config_path:
     _say(f"  inspect it         melo snapshots list{config}   ·   melo inspect clusters{config}")
     _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/generate "
          "-H 'content-type: application/json' -d '{\"prompts\": [\"<an edited prompt>\"]}'")
+
+
+# Edited-vs-base examples in the run summary: few and short, so the summary costs seconds.
+EXAMPLE_EDITS = 3
+EXAMPLE_TOKENS = 8
+
+
+def _print_edit_examples(worker: Any, monitor: Any, learned: set[str]) -> None:
+    """Show that the edits work: the trainer's learned count, and answers of the CURRENT snapshot.
+
+    The examples are learned edits still reachable in CURRENT (the monitor's edit probes), each
+    answered greedily by CURRENT and by the base model, plus one locality (NQ) probe whose answer
+    must not change. The base answers come from the monitor's base editor (an editor with no edits
+    over the same model), so they are produced the way every version's answers are.
+    """
+    p = worker.progress
+    if p.applied:
+        _say(f"  edits learned      {len(learned)} of {p.applied} applied this run "
+             "(trainer-reported: every target token is the model's greedy choice)")
+    current = monitor.state.store.current(monitor.model_name)
+    if current is None:
+        return
+    editor = monitor.state.load(current).editor
+    if editor.config.task != "generate":
+        return
+    base = monitor._base_editor(editor.config)  # noqa: SLF001 -- the monitor's cached no-edit editor, shared on purpose
+    reachable = editor.edit_ids()
+    examples = [probe for probe in monitor.probes.edits.values() if probe.edit_id in reachable][:EXAMPLE_EDITS]
+    if not examples:
+        return
+
+    def answer(of: Any, prompt: str) -> str:
+        # One prompt per call, as the monitor compares, so padding cannot change an answer.
+        lines = of.generate([prompt], max_new_tokens=EXAMPLE_TOKENS)[0].strip().splitlines()
+        return lines[0] if lines else ""
+
+    _say(f"  answers of version {current} (CURRENT) vs the base model, greedy, {EXAMPLE_TOKENS} new tokens:")
+    for probe in examples:
+        edited = answer(editor, probe.prompt)
+        hit = "✓" if edited.startswith(probe.expected.strip()) else "✗"
+        _say(f"    {probe.prompt}")
+        _say(f"      → base {answer(base, probe.prompt)!r}  → edited {edited!r} {hit}  (target {probe.expected!r})")
+    if monitor.probes.locality:
+        probe = monitor.probes.locality[0]
+        route = editor.route([probe.prompt])[0]
+        before, after = answer(base, probe.prompt), answer(editor, probe.prompt)
+        _say("  locality probe (an NQ question no edit is about), must keep the base answer:")
+        _say(f"    {probe.prompt}")
+        _say(f"      → base {before!r}  → edited {after!r} {'unchanged ✓' if before == after else 'CHANGED ✗'}  "
+             f"({'routed to no block: the base model answers' if route is None else f'routed to block {route.block}'})")
 
 
 # ----------------------------------------------------------------------------- produce

@@ -1,11 +1,19 @@
-"""Regenerate examples/stream/melo.edits/zsre-300.jsonl: the first 300 zsRE facts as melo edit events.
+"""Regenerate the sample edit streams: the first zsRE facts as melo edit events.
 
-Source: ../shared/data/zsre/zsre_mend_train-1k.json (ROME's zsre_mend_train subset; provenance in
-that folder's PROVENANCE.md; research use). Mapping, as GRACE/MELO use zsRE: prompt = ``src``,
-target = ``answers[0]`` (the true answer), rephrases = [``rephrase``], locality = the NQ question
-``loc`` with its answer ``loc_ans``. Run from the repository root:
+Writes two files from ../shared/data/zsre/zsre_mend_train-1k.json (ROME's zsre_mend_train subset;
+provenance in that folder's PROVENANCE.md; research use):
 
-    python examples/make_sample_stream.py [--data PATH] [--count 300] [--model zsre-demo]
+- ``examples/stream/melo.edits/zsre-<count>.jsonl`` -- the first ``--count`` facts (default 60): the
+  spool the ``make run`` demo reads, small enough for a pretrained backbone on CPU;
+- ``examples/data/zsre-<full>.jsonl`` -- the first ``--full`` facts (default 300), outside the spool:
+  a longer stream to send with ``melo produce`` or to copy into a spool by hand.
+
+Mapping, as GRACE/MELO use zsRE: prompt = ``src``, target = ``answers[0]`` (the true answer),
+rephrases = [``rephrase``], locality = the NQ question ``loc`` with its answer ``loc_ans``. Both
+files number events from the same first fact, so the demo's events are the first lines of the long
+file (same edit ids). Run from the repository root:
+
+    python examples/make_sample_stream.py [--data PATH] [--count 60] [--full 300] [--model zsre-demo]
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "zsre_mend_train-1k.json"
+EXAMPLES = Path(__file__).resolve().parent
+DEFAULT_DATA = EXAMPLES.parents[1] / "shared" / "data" / "zsre" / "zsre_mend_train-1k.json"
 
 
 def convert(record: dict, index: int, model: str) -> dict:
@@ -33,19 +42,33 @@ def convert(record: dict, index: int, model: str) -> dict:
     }
 
 
+def write_events(records: list[dict], out: Path, model: str) -> None:
+    """Write ``records`` as edit events, one JSON line each, numbered from the first fact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for index, record in enumerate(records):
+            handle.write(json.dumps(convert(record, index, model), ensure_ascii=False) + "\n")
+    print(f"wrote {len(records)} edit events to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--count", type=int, default=60, help="facts in the demo spool (default 60)")
+    parser.add_argument("--full", type=int, default=300, help="facts in the long file for melo produce (default 300)")
     parser.add_argument("--model", default="zsre-demo")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "stream" / "melo.edits" / "zsre-300.jsonl")
     args = parser.parse_args()
-    records = json.loads(args.data.read_text(encoding="utf-8"))[: args.count]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8") as handle:
-        for index, record in enumerate(records):
-            handle.write(json.dumps(convert(record, index, args.model), ensure_ascii=False) + "\n")
-    print(f"wrote {len(records)} edit events to {args.out}")
+    if not 0 < args.count <= args.full:
+        parser.error(f"--count {args.count} must be between 1 and --full ({args.full})")
+    records = json.loads(args.data.read_text(encoding="utf-8"))
+    if len(records) < args.full:
+        parser.error(f"{args.data} holds {len(records)} facts, fewer than --full {args.full}")
+    spool = EXAMPLES / "stream" / "melo.edits"
+    # The demo reads every *.jsonl in its spool: a stream of another size left there would be read too.
+    for stale in spool.glob("zsre-*.jsonl"):
+        stale.unlink()
+    write_events(records[: args.count], spool / f"zsre-{args.count}.jsonl", args.model)
+    write_events(records[: args.full], EXAMPLES / "data" / f"zsre-{args.full}.jsonl", args.model)
 
 
 if __name__ == "__main__":
