@@ -19,6 +19,7 @@ learned. Target (issue 3): ratio <= 1.10 on CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -38,6 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="prompts per timed forward")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per measurement (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--r-init-scale", type=float, default=1.0,
+        help="multiply the preset's R_init (1.0 = preset); below 1 keeps crowded prompt keys (tiny models) in "
+        "separate clusters instead of superseding each other",
+    )
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("var/bench/perf_routing"))
     return parser.parse_args(argv)
@@ -90,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model, tokenizer = load_backbone(args.backbone)
     config = MeloConfig.for_model(model)
+    config = dataclasses.replace(config, r_init=config.r_init * args.r_init_scale)
     prompts = [c.prompt for c in datasets.zsre_stream(args.data_dir, args.batch, n_locality=0).cases]
     rows = []
     for n_edits in [int(n) for n in args.edits.split(",")]:
