@@ -156,7 +156,7 @@ def _print_edit_examples(worker: Any, monitor: Any, learned: set[str]) -> None:
     editor = monitor.state.load(current).editor
     if editor.config.task != "generate":
         return
-    base = monitor._base_editor(editor.config)  # noqa: SLF001 -- the monitor's cached no-edit editor, shared on purpose
+    base = monitor.base_editor(editor.config)
     reachable = editor.edit_ids()
     examples = [probe for probe in monitor.probes.edits.values() if probe.edit_id in reachable][:EXAMPLE_EDITS]
     if not examples:

@@ -234,9 +234,9 @@ class Monitor:
             self.probes.add_locality(prompt)
         self.probes.save()
 
-    def _base_editor(self, config: MeloConfig) -> MeloEditor:
-        # An editor with no edits routes every row to the base model: its outputs are the base's,
-        # produced by the same code path (tokenisation, decoding) as every version's.
+    def base_editor(self, config: MeloConfig) -> MeloEditor:
+        """An editor with no edits (cached): it routes every row to the base model, so its outputs
+        are the base's, produced by the same code path (tokenisation, decoding) as every version's."""
         if self._base is None:
             self._base = MeloEditor(self.state.model, self.state.tokenizer, config)
         return self._base
@@ -293,7 +293,7 @@ class Monitor:
                 continue
             expected = probe.expected
             if expected is None:
-                expected = self._answer(self._base_editor(editor.config), probe.prompt, editor.config.task)
+                expected = self._answer(self.base_editor(editor.config), probe.prompt, editor.config.task)
                 self.probes.set_base_answer(index, expected)
                 answered = True
             captured[probe.prompt] = expected
