@@ -28,12 +28,9 @@ import argparse
 import dataclasses
 import json
 import logging
-import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +38,23 @@ import torch
 from kafka import KafkaProducer
 
 from bench import datasets
+from bench.daemon_run import (
+    TOPIC_ROLES,
+    RunningWriter,
+    Services,
+    TimedSnapshots,
+    edit_event,
+    local_services,
+    writer_settings,
+)
 from bench.perf_common import environment, latency_summary, markdown_table, write_report, zsre_edits
-from daemon.scheduler import start_scheduler
 from daemon.settings import Settings
-from daemon.snapshots import Manifest
-from daemon.worker import EXIT_OK, BackboneEditors, build_worker
+from daemon.worker import BackboneEditors, build_worker
 from melo_runtime import BatchResult, Edit, MeloConfig
-from tests.services import FAST_GROUP_CONSUMER, KafkaBroker, RedisServer, create_topics, wait_until
+from tests.services import create_topics, wait_until
 
 TRAINERS = ("melo", "noop")
-TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")
 DRAIN_TIMEOUT_S = 600.0
-STOP_TIMEOUT_S = 30.0
 NOOP_INDEX_FORMAT = "melo.bench.noop/1"
 PRESET_ITERATIONS = next(f.default for f in dataclasses.fields(MeloConfig) if f.name == "iterations")
 
@@ -130,34 +132,6 @@ class NoOpEditors:
 # --------------------------------------------------------------------------- instrumentation
 
 
-class TimedSnapshots:
-    """The worker's real snapshot store, with the wall time at which each ``publish`` returned.
-
-    Delegates everything; a version counts as published once ``publish`` returns (blobs, manifest
-    and CURRENT are durable then).
-    """
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.published: dict[int, tuple[float, tuple[str, ...]]] = {}  # version -> (time.time(), edit ids)
-        self._lock = threading.Lock()
-
-    def publish(self, model: str, files: dict[str, bytes], **kwargs: Any) -> Manifest:
-        """Publish through the real store and record when it returned."""
-        manifest = self._store.publish(model, files, **kwargs)
-        with self._lock:
-            self.published[manifest.version] = (time.time(), manifest.edit_ids)
-        return manifest
-
-    def published_at(self) -> dict[str, float]:
-        """edit id -> time its version was published."""
-        with self._lock:
-            return {edit_id: at for at, ids in self.published.values() for edit_id in ids}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
 class TimedSource:
     """The worker's real event source, with the wall time at which each edit event was first polled.
 
@@ -206,37 +180,19 @@ class RunResult:
     startup_s: float = 0.0
 
 
-def event(edit: Edit, model: str, edit_id: str) -> bytes:
-    """An edit event (schemas/edit.v1.json) stamped with the current time."""
-    created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    doc = {"edit_id": edit_id, "model": model, "task": "generate", "prompt": edit.prompt, "target": edit.target,
-           "source": "bench.perf_daemon", "created_at": created}
-    return json.dumps(doc).encode()
-
-
-def settings_for(run: str, spec: RunSpec, args: argparse.Namespace, bootstrap: str, redis_url: str, root: Path) -> Settings:
+def settings_for(run: str, spec: RunSpec, args: argparse.Namespace, services: Services) -> Settings:
     """Settings as a deployment would write them, for one run's own model namespace and topics."""
     melo = {"iterations": args.iterations} if args.iterations else {}
-    return Settings(
-        model=run,
-        backbone=args.backbone,
-        task="generate",
-        device="cpu",
-        melo=melo,
-        data_dir=root / run,
-        batch={"max_size": spec.batch, "max_wait_s": args.max_wait},
-        kafka={"bootstrap_servers": [bootstrap], "group_id": f"{run}-writer",
-               "topics": {role: f"{run}.{role}" for role in TOPIC_ROLES}, **FAST_GROUP_CONSUMER},
-        redis={"url": redis_url, "lease_ttl_s": 30.0, "lease_renew_s": 5.0, "retry_deadline_s": 60.0},
-        metrics={"enabled": False},
-    )
+    return writer_settings(run, services, backbone=args.backbone, melo=melo,
+                           batch={"max_size": spec.batch, "max_wait_s": args.max_wait})
 
 
-def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], bootstrap: str, redis_url: str, root: Path) -> RunResult:
+def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], services: Services) -> RunResult:
     """Measure one trainer at one micro-batch size on fresh topics; the writer is stopped afterwards."""
     run = f"perf-{spec.trainer}-b{spec.batch}"
-    settings = settings_for(run, spec, args, bootstrap, redis_url, root)
+    settings = settings_for(run, spec, args, services)
     topics = settings.kafka.topics
+    bootstrap = services.bootstrap
     create_topics(bootstrap, [getattr(topics, role) for role in TOPIC_ROLES])
     worker = build_worker(settings, on_progress=lambda line: None)
     if spec.trainer == "noop":
@@ -257,20 +213,18 @@ def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], bootstra
                 if delay > 0:
                     time.sleep(delay)  # open-loop pacing of the producer, not a wait for a service
             n = next(ids)
-            edit_id = f"{run}-{n:06d}"
+            edit_id, edit = f"{run}-{n:06d}", edits[n % len(edits)]
             sent[edit_id] = time.time()
-            producer.send(topics.edits, key=run.encode(), value=event(edits[n % len(edits)], run, edit_id))
+            value = edit_event(edit_id, run, edit.prompt, edit.target, source="bench.perf_daemon")
+            producer.send(topics.edits, key=run.encode(), value=value)
         producer.flush()
         return sent
 
     backlog = produce(spec.backlog)
-    scheduler = start_scheduler(worker, settings)
-    status: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: status.update(code=worker.run()), name=f"writer-{run}", daemon=True)
     started = time.time()
-    thread.start()
+    writer = RunningWriter(worker, settings)
     try:
-        _wait_published(timed, backlog, thread, status, run)
+        _wait_published(timed, backlog, writer, run)
         versions = sorted(timed.published.items())
         first_at, first_ids = versions[0][1]
         last_at = versions[-1][1][0]
@@ -285,7 +239,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], bootstra
         rate = min(max(args.load_fraction * throughput, 0.5), args.max_rate)
         before = len(timed.published)
         sent = produce(spec.latency_edits, pace_per_s=rate)
-        _wait_published(timed, sent, thread, status, run)
+        _wait_published(timed, sent, writer, run)
         published = timed.published_at()
         result.latencies_s = [published[edit_id] - at for edit_id, at in sent.items()]
         result.delivery_s = [source.polled[edit_id] - at for edit_id, at in sent.items()]
@@ -293,23 +247,13 @@ def run_one(spec: RunSpec, args: argparse.Namespace, edits: list[Edit], bootstra
         result.latency_versions = len(timed.published) - before
         return result
     finally:
-        worker.stop()
-        thread.join(STOP_TIMEOUT_S)
-        scheduler.shutdown(wait=False)
         producer.close()
-        worker.publisher.outbox.close()
-        if thread.is_alive():
-            raise RuntimeError(f"writer of {run} did not stop within {STOP_TIMEOUT_S:.0f}s")
-        if status.get("code", EXIT_OK) != EXIT_OK:
-            raise RuntimeError(f"writer of {run} exited with status {status['code']}")
+        writer.stop()
 
 
-def _wait_published(
-    timed: TimedSnapshots, sent: dict[str, float], thread: threading.Thread, status: dict[str, int], run: str
-) -> None:
+def _wait_published(timed: TimedSnapshots, sent: dict[str, float], writer: RunningWriter, run: str) -> None:
     def done() -> bool:
-        if not thread.is_alive():
-            raise RuntimeError(f"writer of {run} stopped early with status {status.get('code')}")
+        writer.check_running()
         return set(sent) <= timed.published_at().keys()
 
     wait_until(done, DRAIN_TIMEOUT_S, f"{len(sent)} edits of {run} to be published", interval_s=0.01)
@@ -393,12 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(args.threads)
     edits = zsre_edits(1000, args.data_dir)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="melo-perf-daemon-") as tmp, KafkaBroker() as broker, RedisServer() as redis:
+    with local_services("melo-perf-daemon-") as services:
         for batch in args.batch_sizes:
             for trainer in args.trainers:
                 spec = RunSpec(trainer, batch, max(args.edits, args.min_batches * batch),
                                max(args.latency_edits, args.min_batches * batch))
-                row = summarize(run_one(spec, args, edits, broker.bootstrap, redis.url, Path(tmp)))
+                row = summarize(run_one(spec, args, edits, services))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report = {"environment": env, "backbone": args.backbone, "iterations": args.iterations or PRESET_ITERATIONS, "max_wait_s": args.max_wait,

@@ -57,7 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-generation", action="store_true", help="skip free-generation metrics (faster)")
     parser.add_argument("--daemon", action="store_true",
-                        help="replay through the daemon pipeline (broker + Redis + snapshots)")
+                        help="replay through the whole daemon pipeline (Kafka-protocol broker + Redis + snapshots, "
+                             "started on loopback) and score the published versions as a replica loads them; "
+                             "generation streams and --method melo only (bench/quality_daemon.py)")
     melo = parser.add_argument_group("MELO config overrides (default: MeloConfig.for_model)")
     melo.add_argument("--r-init", type=float)
     melo.add_argument("--iters", type=int)
@@ -272,9 +274,9 @@ COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "loc_tf", "loc_em", 
            "es_ppl", "err_ppl", "arr_ppl", "clusters", "conflicts", "forgotten", "train_seconds")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table with only the columns that have values."""
-    columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+def markdown_table(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
+    """The rows as a markdown table with only the ``columns`` that have values."""
+    columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -285,7 +287,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, args: argparse.Namespace, stream: Stream, rows: list[dict], extra: dict) -> None:
+def write_report(
+    out: Path, args: argparse.Namespace, stream: Stream, rows: list[dict], extra: dict, columns: Sequence[str] = COLUMNS
+) -> None:
     """metrics.json, table.md and the plots."""
     from bench.plots import plot_quality
 
@@ -301,7 +305,7 @@ def write_report(out: Path, args: argparse.Namespace, stream: Stream, rows: list
         **extra,
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "table.md").write_text(markdown_table(rows), encoding="utf-8")
+    (out / "table.md").write_text(markdown_table(rows, columns), encoding="utf-8")
     plot_quality(rows, out, title=f"{args.method} on {stream.name}")
 
 
@@ -315,10 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--n-edits, --batch-size and --every must be >= 1 (got {args.n_edits}, "
                          f"{args.batch_size}, {args.every})")
     if args.daemon:
-        # Hook for the end-to-end mode: publish the stream as edit events to the broker, let the
-        # daemon apply and snapshot them, then score the served version. The daemon's worker and
-        # serving pieces are not in the tree yet, so this mode refuses rather than pretending.
-        raise SystemExit("--daemon is not available yet: it needs daemon.worker and serving; run without --daemon")
+        from bench.quality_daemon import run as run_daemon
+
+        return run_daemon(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from melo_runtime.backbones import load_backbone
