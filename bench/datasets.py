@@ -197,8 +197,11 @@ def hallucination_stream(data_dir: Path = DEFAULT_DATA_DIR, n_edits: int | None 
     For passage i, header = "This is a Wikipedia passage about {concept}."; for sentence j the
     prompt is header + the GPT-3 sentences before j. Inaccurate sentences become edits whose target
     is the j-th real Wikipedia sentence; accurate ones become retention probes (ARR) whose target is
-    the GPT-3 sentence itself. There are no rephrases. Locality (GRACE: OpenWebText) is not
-    available offline: ``locality`` is left empty and the harness reports ARR instead.
+    the GPT-3 sentence itself. There are no rephrases. GRACE measures locality as perplexity on
+    OpenWebText, which is not available offline; the stand-in here is real Wikipedia text the
+    stream never edits: for passages after the last one edited (taken from the end of the file),
+    prompt = the header, target = the passage's first real Wikipedia sentence (``locality``; the
+    harness reports its perplexity as ``loc_ppl`` beside ARR).
     """
     passages = _load_json(data_dir / "hallucination" / "wiki_bio_gpt3_hallucination_v3.json")
     edits: list[EditCase] = []
@@ -215,11 +218,18 @@ def hallucination_stream(data_dir: Path = DEFAULT_DATA_DIR, n_edits: int | None 
             else:
                 accurates.append(Probe(prompt, answer_target(passage["gpt3_sentences"][j])))
     n = _check_count(n_edits, len(edits), "hallucination")
+    last_edited = int(edits[n - 1].edit_id.split("-")[1]) if n else -1
+    locality = []
+    for passage in reversed(passages[last_edited + 1 :]):
+        sentences = split_sentences(passage["wiki_bio_text"])
+        if sentences:
+            header = f"This is a Wikipedia passage about {passage['concept'].strip()}."
+            locality.append(Probe(header, answer_target(sentences[0])))
     return Stream(
         name="hallucination",
         task="generate",
         cases=edits[:n],
-        locality=[],
+        locality=locality,
         retention=accurates,
         source="hallucination/wiki_bio_gpt3_hallucination_v3.json",
     )
@@ -262,6 +272,35 @@ def read_label_shift(name: str, data_dir: Path = DEFAULT_DATA_DIR) -> LabelShift
         upstream=[Probe(r["text"], r["label"]) for r in rows("upstream")],
         dev=[Probe(r["text"], r["label"]) for r in rows("dev")],
         edit_pool=[(r["id"], Probe(r["text"], r["label"])) for r in rows("edit_pool")],
+    )
+
+
+def truncate_label_shift(data: LabelShiftData, tokenizer, max_tokens: int) -> LabelShiftData:
+    """Cut every text to its first ``max_tokens`` tokens (special tokens included), at a token edge.
+
+    SCOTUS case facts run to 1,000+ tokens; MiniLM's position table holds 512 and the editor's
+    ``max_length_tokens`` (256) bounds what it will index. The base head is fitted on the same first
+    256 tokens (bench.classifier), so truncating the stream keeps editor and classifier on one input.
+    """
+
+    def cut(text: str) -> str:
+        budget = max_tokens
+        while len(tokenizer(text).input_ids) > max_tokens:
+            # Re-tokenizing a cut inside a word can take a token or two more: cut again, shorter.
+            enc = tokenizer(text, truncation=True, max_length=budget, return_offsets_mapping=True)
+            ends = [end for start, end in enc["offset_mapping"] if end > start]
+            text, budget = text[: ends[-1]], budget - 2
+        return text
+
+    def probes(items: list[Probe]) -> list[Probe]:
+        return [Probe(cut(p.prompt), p.target) for p in items]
+
+    return LabelShiftData(
+        name=data.name,
+        labels=data.labels,
+        upstream=probes(data.upstream),
+        dev=probes(data.dev),
+        edit_pool=[(rid, Probe(cut(p.prompt), p.target)) for rid, p in data.edit_pool],
     )
 
 

@@ -14,7 +14,8 @@ After every ``--every`` edits (and after the last) the harness reports, for the 
 * classification streams: ``es`` = accuracy on the edits so far, ``loc`` = fraction of dev
   predictions unchanged, ``dev_acc`` = dev accuracy;
 * the hallucination stream: perplexities (``es_ppl`` of the batch just edited, ``err_ppl`` of all
-  edits so far, ``arr_ppl`` of the accurate sentences), as GRACE and MELO report.
+  edits so far, ``arr_ppl`` of the accurate sentences), as GRACE and MELO report, and ``loc_ppl``
+  of unedited Wikipedia text (stand-in for GRACE's OpenWebText; bench.datasets.hallucination_stream).
 
 Outputs ``metrics.json``, ``table.md`` and PNG plots in ``--out``.
 """
@@ -77,8 +78,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # -- stream and method construction ---------------------------------------------------------------
 
 
-def build_stream(args: argparse.Namespace, base: EditMethod | None = None) -> Stream:
-    """The stream named by ``--dataset`` (label-shift needs the base classifier to find errors)."""
+def build_stream(args: argparse.Namespace, base: EditMethod | None = None, tokenizer=None,
+                 max_tokens: int = 256) -> Stream:
+    """The stream named by ``--dataset`` (label-shift needs the base classifier to find errors).
+
+    Label-shift texts are cut to ``max_tokens`` tokens of ``tokenizer`` (the editor's
+    ``max_length_tokens``), the part the base head was fitted on.
+    """
     if args.dataset == "zsre":
         return datasets.zsre_stream(args.data_dir, args.n_edits, args.n_locality, reserved=args.reserved)
     if args.reserved and args.dataset != "counterfact":
@@ -90,10 +96,13 @@ def build_stream(args: argparse.Namespace, base: EditMethod | None = None) -> St
     if args.dataset == "hallucination":
         stream = datasets.hallucination_stream(args.data_dir, args.n_edits)
         stream.retention = stream.retention[: args.n_locality]
+        stream.locality = stream.locality[: args.n_locality]
         return stream
     if base is None:
         raise ValueError("label-shift streams need the base classifier to pick misclassified items")
     data = datasets.read_label_shift(args.dataset, args.data_dir)
+    if tokenizer is not None:
+        data = datasets.truncate_label_shift(data, tokenizer, max_tokens)
     return datasets.label_shift_stream(data, base.classify, args.n_edits, args.n_locality)
 
 
@@ -238,6 +247,8 @@ class Evaluator:
             return _mean(method.perplexity([i.prompt for i in items], [i.target for i in items]))
 
         row["es_ppl"], row["err_ppl"], row["arr_ppl"] = ppl(batch), ppl(applied), ppl(self.stream.retention)
+        if self.stream.name == "hallucination":  # its locality probes are unedited Wikipedia text
+            row["loc_ppl"] = ppl(self.stream.locality)
 
 
 # -- the replay loop ------------------------------------------------------------------------------
@@ -271,7 +282,7 @@ def replay(method: EditMethod, stream: Stream, evaluator: Evaluator, batch_size:
 # -- reporting -----------------------------------------------------------------------------------
 
 COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "loc_tf", "loc_em", "es", "loc", "dev_acc",
-           "es_ppl", "err_ppl", "arr_ppl", "clusters", "conflicts", "forgotten", "train_seconds")
+           "es_ppl", "err_ppl", "arr_ppl", "loc_ppl", "clusters", "conflicts", "forgotten", "train_seconds")
 
 
 def markdown_table(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
@@ -338,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load_backbone(backbone)
     task = "classify" if classify else "generate"
     method = build_method(args.method, model, tokenizer, task, args)
-    stream = build_stream(args, method)
+    stream = build_stream(args, method, tokenizer, melo_config(model, task, args).max_length_tokens)
     if hasattr(method, "config"):
         extra["melo_config"] = method.config.to_dict()
     if args.method == "grace":

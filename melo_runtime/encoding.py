@@ -52,6 +52,10 @@ class TextEncoder:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.eos_id = tokenizer.eos_token_id
+        # Learned absolute position tables (BERT, GPT-2) cannot encode longer inputs; rotary and
+        # relative ones (Llama, T5) have no hard limit.
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_positions = int(limit) if isinstance(limit, int) and _absolute_positions(model) else None
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of a prompt, with the special tokens the tokenizer adds by itself."""
@@ -102,6 +106,12 @@ class TextEncoder:
 
     def _batch(self, sequences: list[list[int]]) -> Batch:
         width = max(len(s) for s in sequences)
+        if self.max_positions is not None and width > self.max_positions:
+            longest = max(range(len(sequences)), key=lambda i: len(sequences[i]))
+            raise ValueError(
+                f"input {longest} is {width} tokens long; this model reads at most {self.max_positions} "
+                "(max_position_embeddings): shorten the text"
+            )
         input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, ids in enumerate(sequences):
@@ -134,3 +144,11 @@ def loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     right = (logits.argmax(-1) == targets) & scored
     counts = scored.sum(-1).clamp(min=1)
     return loss, right.sum(-1) == scored.sum(-1), right.sum(-1).float() / counts
+
+
+def _absolute_positions(model: nn.Module) -> bool:
+    """Whether the model looks positions up in a learned table (BERT ``position_embeddings``, GPT-2 ``wpe``)."""
+    return any(
+        isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe")
+        for name, module in model.named_modules()
+    )

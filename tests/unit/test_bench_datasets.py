@@ -71,3 +71,27 @@ def test_label_shift_stream_keeps_only_misclassified_items_in_date_order():
 def test_label_shift_rejects_an_unknown_dataset_name():
     with pytest.raises(ValueError, match="scotus"):
         datasets.read_label_shift("imdb")
+
+
+def test_label_shift_texts_are_cut_to_a_token_budget_as_prefixes():
+    from melo_runtime.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    data = datasets.read_label_shift("scotus")
+    cut = datasets.truncate_label_shift(data, tokenizer, max_tokens=100)
+    pairs = [(a.prompt, b.prompt) for a, b in zip(data.dev, cut.dev, strict=True)]
+    assert all(len(tokenizer(new).input_ids) <= 100 for _, new in pairs)
+    assert all(old.startswith(new) for old, new in pairs)
+    assert any(len(new) < len(old) for old, new in pairs)  # SCOTUS facts are long: some were cut
+    short = [(old, new) for old, new in pairs if len(tokenizer(old).input_ids) <= 100]
+    assert all(old == new for old, new in short)
+    assert [p.target for p in cut.dev] == [p.target for p in data.dev]
+    assert [rid for rid, _ in cut.edit_pool] == [rid for rid, _ in data.edit_pool]
+
+
+def test_hallucination_locality_is_wikipedia_text_of_passages_the_stream_never_edits():
+    stream = datasets.hallucination_stream(n_edits=100)
+    edited = {c.prompt.split(".")[0] for c in stream.cases}
+    assert len(stream.locality) > 100
+    assert all(p.prompt.startswith("This is a Wikipedia passage about ") for p in stream.locality)
+    assert not edited & {p.prompt.split(".")[0] for p in stream.locality}

@@ -97,3 +97,12 @@ def test_a_key_module_above_a_lora_layer_is_refused(make_editor):
     config.key_module = "transformer.h.5.mlp.c_proj"
     with pytest.raises(ValueError, match="runs before key_module"):
         MeloEditor(model, tokenizer, config)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_serving_an_input_longer_than_the_position_table_is_a_clear_error(make_editor, family):
+    editor = make_editor(family, max_prompt_chars=2000)
+    text = "word " * 120  # 600 characters = 600+ tokens for the tiny char tokenizer; the table holds 512
+    call = editor.classify if family == "bert" else editor.generate
+    with pytest.raises(ValueError, match=r"reads at most 512 \(max_position_embeddings\)"):
+        call(["short", text])
