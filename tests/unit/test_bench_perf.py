@@ -17,6 +17,15 @@ def test_perf_train_times_naive_cache_and_ours_per_batch_size(tmp_path):
     assert "| batch |" in (tmp_path / "perf_train.md").read_text()
 
 
+def test_perf_train_extrapolates_a_partly_timed_naive_loop_and_says_so(tmp_path):
+    perf_train.main(["--backbone", "tiny-llama", "--sizes", "2", "--iterations", "6", "--naive-iterations", "2",
+                     "--threads", "1", "--out", str(tmp_path)])
+    naive = json.loads((tmp_path / "perf_train.json").read_text())["rows"][0]["naive"]
+    assert naive["extrapolated"] and naive["measured_iterations"] == 2 and naive["iterations"] == 6
+    assert naive["seconds"] == naive["measured_seconds"] * 3
+    assert "extrapolated: 2 naive steps timed, scaled to 6" in (tmp_path / "perf_train.md").read_text()
+
+
 def test_perf_routing_routes_every_timed_row_once_edits_are_indexed(tmp_path):
     # Tiny random models put every prompt's key close together: at the preset radius the newest of two
     # crowded prompt keys supersedes the other, so a smaller radius keeps each prompt its own cluster.
