@@ -69,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     melo.add_argument("--key-module")
     melo.add_argument("--target-modules", help="comma-separated module names")
     melo.add_argument("--no-early-stop", action="store_true")
+    melo.add_argument("--max-length-tokens", type=int,
+                      help="longest prompt+target the editor accepts (all methods; hallucination prompts need 512)")
     grace = parser.add_argument_group("GRACE")
     grace.add_argument("--grace-layer", help="default: the MELO key layer's MLP down projection")
     grace.add_argument("--grace-eps", type=float, default=None, help="deferral radius for new keys")
@@ -119,6 +121,7 @@ def melo_config(model, task: str, args: argparse.Namespace):
         "key_module": args.key_module,
         "target_modules": args.target_modules.split(",") if args.target_modules else None,
         "edits_per_block": args.batch_size,
+        "max_length_tokens": args.max_length_tokens,
         "seed": args.seed,
     }
     data = {**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
@@ -141,11 +144,12 @@ def build_method(name: str, model, tokenizer, task: str, args: argparse.Namespac
     if name == "lora":
         return SequentialLora(
             model, tokenizer, task, config.target_modules, rank=args.rank or 8,
-            iterations=config.iterations, lr=config.lr, seed=args.seed,
+            iterations=config.iterations, lr=config.lr, seed=args.seed, max_length=config.max_length_tokens,
         )
     layer = args.grace_layer or grace_default_layer(config.key_module)
     eps = args.grace_eps if args.grace_eps is not None else 1.0  # replaced by calibration in main()
-    return GraceCodebook(model, tokenizer, task, layer, eps=eps, iterations=args.iters or 100, seed=args.seed)
+    return GraceCodebook(model, tokenizer, task, layer, eps=eps, iterations=args.iters or 100, seed=args.seed,
+                         max_length=config.max_length_tokens)
 
 
 def grace_default_layer(key_module: str) -> str:

@@ -114,7 +114,9 @@ class GraceCodebook(HookedMethod):
         """
         if len(prompts) < 2:
             raise ValueError(f"need at least 2 prompts to calibrate eps, got {len(prompts)}")
-        keys = torch.stack([self._query(p, " x") for p in prompts])
+        # The key is read from the prompt alone; the target only has to be valid for the task.
+        target = self.model.config.id2label[0] if self.task == "classify" else " x"
+        keys = torch.stack([self._query(p, target) for p in prompts])
         distances = torch.cdist(keys, keys)
         off_diagonal = distances[~torch.eye(len(keys), dtype=torch.bool)]
         self.eps = float(off_diagonal.median()) * fraction

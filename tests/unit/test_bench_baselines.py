@@ -78,3 +78,13 @@ def test_grace_eps_calibration_scales_with_the_spread_of_dev_keys():
     keys = torch.stack([grace._query(p, " x") for p in prompts])
     median = float(torch.cdist(keys, keys)[~torch.eye(4, dtype=torch.bool)].median())
     assert grace.calibrate_eps(prompts, fraction=0.5) == pytest.approx(median / 2)
+
+
+def test_grace_edits_a_classifier_and_calibrates_eps_on_its_texts():
+    model, tokenizer = tiny_model("bert", labels=["negative", "positive"])
+    grace = GraceCodebook(model, tokenizer, "classify", "bert.encoder.layer.2.output.dense", iterations=30)
+    assert grace.calibrate_eps(["A fine film", "Dull and long", "The plot is thin", "Loved it"]) > 0
+    edit = EditCase("c", "The plot is thin", "positive")
+    grace.apply_batch([edit])
+    assert grace.classify([edit.prompt]) == ["positive"]
+    assert grace.stats()["clusters"] == 1
