@@ -15,6 +15,7 @@ from torch import nn
 
 from melo_runtime.families import family_of, forward_inputs, is_classifier, model_device
 from melo_runtime.keys import keys_at_last_token
+from melo_runtime.vectordb import CONFLICT_POLICIES
 
 TASKS = ("generate", "classify")
 
@@ -56,6 +57,9 @@ class MeloConfig:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 64
     seed: int = 0
+    # What a conflict does with the old cluster's members outside its halved radius: "forget" them
+    # (the paper's rule) or "split" them into clusters of their own (melo_runtime/vectordb.py).
+    conflict_policy: str = "forget"
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -89,6 +93,8 @@ class MeloConfig:
                 raise ValueError(f"{name}={value!r} must be > 0")
         if self.max_rephrases < 0:
             raise ValueError(f"max_rephrases={self.max_rephrases!r} must be >= 0")
+        if self.conflict_policy not in CONFLICT_POLICIES:
+            raise ValueError(f"conflict_policy={self.conflict_policy!r} must be one of {CONFLICT_POLICIES}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field."""

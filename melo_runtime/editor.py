@@ -71,6 +71,7 @@ class MeloEditor:
             ef_construction=config.hnsw_ef_construction,
             ef_search=config.hnsw_ef_search,
             seed=config.seed,
+            conflict_policy=config.conflict_policy,
         )
         self._label_ids: dict[str, int] = {}
         if config.task == "classify":
@@ -284,6 +285,14 @@ class MeloEditor:
             return []
         hits = self._db.search(self._keys(prompts).cpu().numpy())
         return [None if hit is None else Route(hit.block, hit.cluster_id, float(hit.distance)) for hit in hits]
+
+    def keys(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Keys of ``prompts`` [n, dim] float32 on the CPU: what the vector database indexes and
+        ``route`` searches (the key module's output at each prompt's last real token)."""
+        prompts = self._texts(prompts, "prompts")
+        if not prompts:
+            return torch.zeros((0, self._attachment.key_dim))
+        return self._keys(prompts).cpu()
 
     def _teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[list[str], TeacherForced]:
         prompts = self._texts(prompts, "prompts")

@@ -128,6 +128,11 @@ def read_files(files: Mapping[str, bytes]) -> EditorState:
             stem = name.removesuffix(".safetensors")
             arrays |= {f"{stem}/{tensor}": array for tensor, array in _safetensors(name, data).items()}
     db = VectorDB.from_state(index["db"], arrays)
+    if db.conflict_policy != config.conflict_policy:
+        raise ValueError(
+            f"{INDEX_FILE} holds a vector DB with conflict_policy {db.conflict_policy!r} but {CONFIG_FILE} says "
+            f"{config.conflict_policy!r}; load the files of one snapshot together"
+        )
     return EditorState(config=config, layer_shapes=shapes, blocks=blocks, db=db)
 
 

@@ -9,10 +9,11 @@ radius), exactly one rule applies (DESIGN.md §2):
 - ``expand``: ``R_C < d <= R_C + R_init``, same label -> ``K`` joins ``C`` and ``C`` is refitted.
 - ``conflict``: ``R_C < d <= R_C + R_init``, other label -> ``R_C <- min(R_C, d/2)`` (a shrink:
   when an earlier conflict already left ``R_C < d/2`` it stays); new cluster at ``K`` with radius
-  ``d/2``; members of ``C`` now outside ``R_C`` are forgotten. ``C``'s
-  centre stays where it is: it is the centre of the ball that was halved, and moving it to the mean
-  of the survivors could push survivors outside the new radius. It becomes the mean again at the
-  next refit.
+  ``d/2``, created last; members of ``C`` now outside ``R_C`` (*moved* members) are forgotten under
+  the ``forget`` conflict policy (the paper's rule, the default) or re-clustered under ``split``
+  (below). ``C``'s centre stays where it is: it is the centre of the ball that was halved, and
+  moving it to the mean of the survivors could push survivors outside the new radius. It becomes
+  the mean again at the next refit.
 - ``join``: ``d <= R_C``, same label -> ``K`` joins ``C`` and ``C`` is refitted.
 - ``supersede``: ``d <= R_C``, other label -> the newest edit prevails (MELO's Property 4):
 
@@ -28,12 +29,49 @@ radius), exactly one rule applies (DESIGN.md §2):
   3. A new cluster ``{K}`` with radius ``R_init`` is created last, so it has the largest id and wins
      any exact distance tie (see Search): a search for ``K`` returns the new edit's block.
 
+The ``split`` conflict policy keeps the moved members instead of forgetting them. Search goes to
+the nearest centre first and only then checks its radius, so what a new cluster can take from the
+clusters around it is decided by where its centre lies, not by its radius; the rule is built on that:
+
+  1. The moved members are re-clustered among themselves, in insertion order, by the
+     ``add``/``expand``/``join`` rules (one label) with ``C``'s radius floor ``f`` (already lowered
+     to at most ``d/2`` by the shrink), as supersede does with its survivors.
+  2. Each resulting cluster ``S`` (centre ``s``, members at most ``spread`` from ``s``) is halved
+     against ``K`` as a conflict would halve it: floor ``min(f, |s - K| / 2)``, radius ``max(spread,
+     floor)``. A group whose spread exceeds ``|s - K| / 2`` becomes one single-member cluster per
+     member instead (spread 0 always fits). So no split cluster's radius exceeds half its distance
+     to ``K``: its ball holds no point nearer ``K`` than its own centre.
+  3. Routing check, with the exact distances and tie rule of Search over every live centre, the
+     planned clusters (newer than every live one) and ``K``'s (newest): (a) every moved member in a
+     planned group must route to that group; (b) no member of a live cluster -- ``C``'s remaining
+     members above all -- may be *taken* by a planned cluster, i.e. have a planned centre become its
+     nearest. A group that fails (a), or takes a member, becomes single-member clusters. A member
+     taken by a single-member cluster is *evicted*: it leaves its cluster (whose centre stays, as
+     after a conflict, so the cluster's other members route as before; an emptied cluster is
+     removed) for a single-member cluster of its own, with floor ``min(its cluster's floor, |key -
+     K| / 2)``. Repeat until the check passes. It must: every failing round makes at least one more
+     single-member cluster, and a single-member cluster's centre is its member's key, at distance 0.
+  4. The planned clusters are created in the order of their first member (moved members in
+     insertion order, then evicted ones in eviction order), then ``K``'s cluster.
+
+  Hence, compared with ``forget`` on the same database: a conflict forgets no member; ``K``'s key
+  routes to ``K``; every moved or evicted member's key routes to its own edit (of identical keys,
+  the newest); and every other member's key routes to the same cluster as under ``forget`` (to
+  its own edit if it did there). ``K``'s centre can take members of nearby clusters under both
+  policies, as any new centre can (``add``). Step 3 finds live centres as Search does, so with the
+  HNSW graph these guarantees hold wherever the graph finds the true nearest centre. Its cost is a
+  scan of every centre per round (one round is the rule, measured). Supersede is the same under
+  both policies.
+
 *Refit* (expand, join, retract): centre = mean of the member keys, radius = max(distance from the new
 centre to the farthest member, radius floor). The floor is ``R_init`` until a conflict halves the
-cluster; then it is the halved radius, so a later refit never re-grows the cluster into the
-neighbour it conflicted with further than its own members require. The radius may therefore shrink
-(when the centre moves towards the farthest member) as well as grow, and it always contains every
-member. No radius is ever 0: ``R_init > 0`` and a conflict halves a distance ``d > R_C > 0``.
+cluster (or ``split`` creates it with a halved floor); then it is the halved radius, so a later
+refit never re-grows the cluster into the neighbour it conflicted with further than its own members
+require. The radius may therefore shrink (when the centre moves towards the farthest member) as
+well as grow, and it always contains every member. No radius is ever 0: ``R_init > 0``, a conflict halves a distance ``d > R_C > 0``, and a
+split cluster halves a positive distance to ``K``: a moved member lies within ``R_C < d`` of ``C``'s
+centre, so it is not ``K``; an evicted member is strictly nearer a planned centre than ``K``; and a
+kept group has ``0 < spread <= |s - K| / 2`` or identical keys (then ``s`` is a member's key).
 
 A cluster left with no members is removed. Counters: ``conflicts_total`` (conflict + supersede
 actions), ``forgotten_total`` (members removed by either), ``retracted_total`` (edits retracted).
@@ -96,6 +134,8 @@ import hnswlib
 import numpy as np
 
 STATE_FORMAT = "melo.vectordb/2"
+# What a conflict does with the members left outside the halved radius (module docstring).
+CONFLICT_POLICIES = ("forget", "split")
 # Candidates re-checked exactly per query; HNSW's first few results contain the true nearest centre
 # far more often than its first one alone.
 CANDIDATES = 8
@@ -155,11 +195,32 @@ class _Cluster:
 
 @dataclass
 class _Group:
-    """A cluster being re-formed from a dissolved cluster's survivors (supersede, step 2)."""
+    """A cluster being re-formed from a dissolved cluster's survivors (supersede, step 2; split)."""
 
     centre: np.ndarray
     radius: float
     members: list[int] = field(default_factory=list)  # indices into the dissolved cluster
+    floor: float = 0.0  # the cluster's radius floor, where it differs from the regroup's (split)
+
+
+@dataclass
+class _Pool:
+    """The members a ``split`` places, by index: keys [n, dim] and what their clusters will need."""
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    blocks: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    edit_ids: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    floors: list[float] = field(default_factory=list)  # the radius floor of the cluster it came from
+
+    def add(self, key: np.ndarray, block: int, row: int, edit_id: str, label: str, floor: float) -> None:
+        self.keys = key[None, :].copy() if not self.blocks else np.concatenate([self.keys, key[None, :]])
+        self.blocks.append(block)
+        self.rows.append(row)
+        self.edit_ids.append(edit_id)
+        self.labels.append(label)
+        self.floors.append(floor)
 
 
 @dataclass
@@ -202,6 +263,8 @@ class VectorDB:
         ef_search: HNSW query-time beam width (raised to at least the candidate count).
         seed: HNSW level-assignment seed.
         exact_search_max_clusters: up to this many clusters, search scans all centres exactly.
+        conflict_policy: ``"forget"`` (the paper's rule) or ``"split"``: what a conflict does with
+            the members outside the halved radius (module docstring).
     """
 
     def __init__(
@@ -214,7 +277,10 @@ class VectorDB:
         ef_search: int = 64,
         seed: int = 0,
         exact_search_max_clusters: int = EXACT_SEARCH_MAX_CLUSTERS,
+        conflict_policy: str = "forget",
     ) -> None:
+        if conflict_policy not in CONFLICT_POLICIES:
+            raise ValueError(f"conflict_policy must be one of {CONFLICT_POLICIES}, got {conflict_policy!r}")
         if dim <= 0:
             raise ValueError(f"dim must be a positive key dimension, got {dim}")
         if not (np.isfinite(r_init) and r_init > 0):
@@ -226,6 +292,7 @@ class VectorDB:
         self.ef_search = int(ef_search)
         self.seed = int(seed)
         self.exact_search_max_clusters = int(exact_search_max_clusters)
+        self.conflict_policy = conflict_policy
         self._clusters: dict[int, _Cluster] = {}
         self._next_id = 0
         # Row i holds cluster i's centre while cluster i exists; ids are never reused.
@@ -349,8 +416,129 @@ class VectorDB:
         if outside.any() and c.centre_members is None:
             # The centre stays the mean of the members it had; remember them (see docstring).
             c.centre_members = list(zip(c.blocks, c.rows))
-        self._remove_members(cid, outside, forgotten)
+        if self.conflict_policy == "split" and outside.any():
+            self._split(cid, outside, key)
+        else:
+            self._remove_members(cid, outside, forgotten)
         self._create(key[None, :], label, [block], [row], [edit_id], half, half)
+
+    def _split(self, cid: int, moved: np.ndarray, key: np.ndarray) -> None:
+        """Re-cluster ``C``'s members outside its halved radius instead of forgetting them (docstring)."""
+        c = self._clusters[cid]
+        pool = _Pool()  # the members the split places: C's moved ones first, then evicted ones
+        for i in np.flatnonzero(moved).tolist():
+            pool.add(c.keys[i], c.blocks[i], c.rows[i], c.edit_ids[i], c.label, c.floor)
+        n_moved = len(pool.blocks)
+        self._remove_members(cid, moved, [])
+        singles: set[int] = set()  # pool members that must be single-member clusters
+        while True:
+            plan = self._plan_split(pool, n_moved, singles, key)
+            broken, taken = self._check_split(pool, plan, key)
+            if not broken and not taken:
+                break
+            for j in broken:
+                singles.update(plan[j].members)
+            for (owner, block, row), j in taken.items():
+                if len(plan[j].members) > 1:
+                    singles.update(plan[j].members)
+                else:
+                    # Taken by a single-member cluster: only a centre on its own key is sure to keep it.
+                    singles.add(self._evict(owner, block, row, pool))
+        for g in plan:
+            self._create(
+                pool.keys[g.members],
+                pool.labels[g.members[0]],
+                [pool.blocks[i] for i in g.members],
+                [pool.rows[i] for i in g.members],
+                [pool.edit_ids[i] for i in g.members],
+                g.radius,
+                g.floor,
+            )
+
+    def _plan_split(self, pool: _Pool, n_moved: int, singles: set[int], key: np.ndarray) -> list[_Group]:
+        """Steps 1, 2 and 4 of ``split``: the clusters that would be created, in creation order."""
+        floor = pool.floors[0]  # C's: every moved member came from C
+        groups = self._regroup(pool.keys, [i for i in range(n_moved) if i not in singles], floor)
+        groups += [_Group(centre=pool.keys[i].copy(), radius=0.0, members=[i]) for i in sorted(singles)]
+        plan = []
+        for g in sorted(groups, key=lambda g: g.members[0]):
+            spread = float(_distances(g.centre, pool.keys[g.members]).max())
+            if spread > float(_distances(key, g.centre[None, :])[0]) / 2.0:
+                plan += [_Group(centre=pool.keys[i].copy(), radius=0.0, members=[i]) for i in g.members]
+            else:
+                plan.append(g)
+        for g in plan:
+            g.floor = min(pool.floors[g.members[0]], float(_distances(key, g.centre[None, :])[0]) / 2.0)
+            g.radius = max(float(_distances(g.centre, pool.keys[g.members]).max()), g.floor)
+        return plan
+
+    def _check_split(
+        self, pool: _Pool, plan: list[_Group], key: np.ndarray
+    ) -> tuple[set[int], dict[tuple[int, int, int], int]]:
+        """Step 3 of ``split``: the planned groups that a member of theirs would not route to, and the
+        live members ``(cluster id, block, row)`` that a planned cluster would take (-> its index)."""
+        planned = np.stack([g.centre for g in plan])
+        live = [(cid, m) for cid in self._clusters_near(planned) for m in range(len(self._clusters[cid].blocks))]
+        owner = {i: j for j, g in enumerate(plan) for i in g.members if len(g.members) > 1}
+        queries = np.concatenate(
+            [pool.keys[sorted(owner)].reshape(-1, self.dim)]
+            + [self._clusters[i].keys[m][None, :] for i, m in live]
+        )
+        if not len(queries):
+            return set(), {}
+        # As in Search: the nearest centre wins and an exact tie goes to the newest cluster; planned
+        # clusters are newer than every live one, and K's cluster is created after them.
+        diff = queries.astype(np.float64)[:, None, :] - planned.astype(np.float64)[None, :, :]
+        planned_d = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
+        nearest = planned_d.shape[1] - 1 - np.argmin(planned_d[:, ::-1], axis=1)
+        best = planned_d[np.arange(len(queries)), nearest]
+        key_d = _distances(key, queries)
+        existing = self._nearest(queries)
+        wins = (best < key_d) & np.array([e is None or b <= e[1] for b, e in zip(best, existing)])
+        broken = set()
+        for n, i in enumerate(sorted(owner)):
+            if not (wins[n] and nearest[n] == owner[i]):
+                broken.add(owner[i])
+        taken = {}
+        for n, (i, m) in enumerate(live, start=len(owner)):
+            if wins[n]:
+                c = self._clusters[i]
+                taken[(i, c.blocks[m], c.rows[m])] = int(nearest[n])
+        return broken, taken
+
+    def _clusters_near(self, points: np.ndarray) -> list[int]:
+        """Ids of the clusters whose members a new centre at one of ``points`` could take.
+
+        A member is taken only by a centre nearer than the one it routes to now, which is at most
+        its cluster's radius away, so the centre lies within twice that radius of the cluster's.
+        Scanned like ``_scan_candidates`` (one matrix product over every centre row); the slack
+        covers float32 rounding, and a cluster let in by it is only checked exactly, in vain.
+        """
+        n_rows = self._next_id
+        norms = self._sq_norms[:n_rows].astype(np.float64)
+        alive = np.isfinite(norms)
+        radii = np.zeros(n_rows)
+        for cid, c in self._clusters.items():
+            radii[cid] = c.radius
+        point_norms = np.einsum("ij,ij->i", points.astype(np.float64), points.astype(np.float64))
+        sq = norms[None, :] + point_norms[:, None] - 2.0 * (points @ self._centres[:n_rows].T)
+        slack = 1e-3 * (np.where(alive, norms, 0.0)[None, :] + point_norms[:, None]) + 1e-12
+        near = alive & (sq <= (2.0 * radii) ** 2 + slack).any(axis=0)
+        return np.flatnonzero(near).tolist()
+
+    def _evict(self, cid: int, block: int, row: int, pool: _Pool) -> int:
+        """Move member ``(block, row)`` out of cluster ``cid`` into ``pool``; returns its pool index.
+
+        The cluster's centre stays (as after a conflict), so its other members route as before.
+        """
+        c = self._clusters[cid]
+        mask = np.array([(b, r) == (block, row) for b, r in zip(c.blocks, c.rows)])
+        m = int(np.flatnonzero(mask)[0])
+        pool.add(c.keys[m], block, row, c.edit_ids[m], c.label, c.floor)
+        if c.centre_members is None:
+            c.centre_members = list(zip(c.blocks, c.rows))
+        self._remove_members(cid, mask, [])
+        return len(pool.blocks) - 1
 
     def _supersede(
         self,
@@ -750,6 +938,7 @@ class VectorDB:
             "ef_search": self.ef_search,
             "seed": self.seed,
             "exact_search_max_clusters": self.exact_search_max_clusters,
+            "conflict_policy": self.conflict_policy,
             "next_cluster_id": self._next_id,
             "conflicts_total": self._conflicts_total,
             "forgotten_total": self._forgotten_total,
@@ -827,6 +1016,8 @@ class VectorDB:
             ef_search=state["ef_search"],
             seed=state["seed"],
             exact_search_max_clusters=state["exact_search_max_clusters"],
+            # States written before the policy existed were all made by the paper's rule.
+            conflict_policy=state.get("conflict_policy", "forget"),
         )
         db._segments = db._segments_from(state["segments"], arrays, verify=verify)
         db._segment_sha = {int(r["block"]): r["sha256"] for r in state["segments"]}
@@ -868,7 +1059,8 @@ class VectorDB:
                     f"and sha256 {record['sha256'][:12]}..; load the files of one snapshot together"
                 )
             segments[block] = np.asarray(keys, dtype=np.float32)
-        extra = sorted(n for n in arrays if n.startswith("keys/") and n not in {segment_name(b) for b in segments})
+        names = {segment_name(b) for b in segments}
+        extra = sorted(n for n in arrays if n.startswith("keys/") and n not in names)
         if extra:
             raise ValueError(f"arrays do not match the state: segments {extra[:3]} are not in the state")
         return segments

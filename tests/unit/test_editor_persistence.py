@@ -6,7 +6,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from melo_runtime import Edit, MeloEditor
+from melo_runtime import Edit, MeloConfig, MeloEditor
 from melo_runtime.tiny import tiny_model
 
 FACTS = [("The capital of France is", " Lyon"), ("Who wrote Hamlet?", " Marlowe")]
@@ -150,4 +150,42 @@ def test_missing_block_file_is_named(make_editor):
     del files["blocks/000001.safetensors"]
     model, tokenizer = tiny_model("gpt2")
     with pytest.raises(ValueError, match="blocks/000001.safetensors"):
+        MeloEditor.from_files(files, model, tokenizer)
+
+
+def _without_conflict_policy(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The files as a runtime from before the conflict policy existed wrote them."""
+    config, index = json.loads(files["config.json"]), json.loads(files["index.json"])
+    del config["conflict_policy"], index["db"]["conflict_policy"]
+    return {**files, "config.json": json.dumps(config).encode(), "index.json": json.dumps(index).encode()}
+
+
+def test_the_conflict_policy_round_trips_through_the_config_and_snapshots(make_editor):
+    editor = make_editor("gpt2", conflict_policy="split")
+    assert MeloConfig.from_dict(json.loads(json.dumps(editor.config.to_dict()))) == editor.config
+    editor.apply_batch([Edit("a", *FACTS[0])])
+    files = editor.export_files()
+    assert json.loads(files["config.json"])["conflict_policy"] == "split"
+    assert json.loads(files["index.json"])["db"]["conflict_policy"] == "split"
+    model, tokenizer = tiny_model("gpt2")
+    loaded = MeloEditor.from_files(files, model, tokenizer)
+    assert loaded.config.conflict_policy == "split" and loaded.export_files() == files
+    with pytest.raises(ValueError, match="conflict_policy"):
+        MeloConfig.from_dict({**editor.config.to_dict(), "conflict_policy": "keep"})
+
+
+def test_a_snapshot_from_before_the_conflict_policy_loads_as_forget(make_editor):
+    files = _edited(make_editor).export_files()
+    model, tokenizer = tiny_model("gpt2")
+    loaded = MeloEditor.from_files(_without_conflict_policy(files), model, tokenizer)
+    assert loaded.config.conflict_policy == "forget"
+    assert loaded.export_files() == files  # what this runtime writes for the same editor
+
+
+def test_a_config_and_vector_db_with_different_conflict_policies_are_refused(make_editor):
+    files = _edited(make_editor).export_files()
+    config = json.loads(files["config.json"])
+    files["config.json"] = json.dumps({**config, "conflict_policy": "split"}).encode()
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="conflict_policy 'forget' but config.json says 'split'"):
         MeloEditor.from_files(files, model, tokenizer)

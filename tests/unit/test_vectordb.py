@@ -152,6 +152,134 @@ def test_identical_key_of_a_newer_same_label_edit_wins_the_member_tie():
     assert db.search(_keys((0.0, 0.0)))[0].edit_id == "e2"
 
 
+def test_split_conflict_keeps_outside_members_routable_to_their_own_edits():
+    db = VectorDB(2, 1.0, conflict_policy="split")
+    # The forget test's database: the same conflict at d = 1.6 leaves (0,0) and (2,0) outside 0.8.
+    _insert(db, [(0.0, 0.0), (2.0, 0.0), (1.0, 0.0)], ["a"] * 3, ["e1", "e2", "e3"], [0, 0, 1])
+    report = _insert(db, [(2.6, 0.0)], ["b"], ["e4"], [2])
+    assert report.actions == ["conflict"] and report.conflicts == 1 and report.forgotten == []
+    kept, left, right, new = _clusters(db).values()
+    assert kept["edit_ids"] == ["e3"] and kept["radius"] == pytest.approx(0.8)
+    # Re-clustered with C's halved floor 0.8, each halved against K: (0,0) is 2.6 from K, keeps 0.8;
+    # (2,0) is 0.6 from K, gets 0.3 -- its ball holds no point nearer K than (2,0).
+    assert left["edit_ids"] == ["e1"] and left["centre"] == [0.0, 0.0] and left["radius"] == pytest.approx(0.8)
+    assert right["edit_ids"] == ["e2"] and right["centre"] == [2.0, 0.0] and right["radius"] == pytest.approx(0.3)
+    assert new["edit_ids"] == ["e4"] and new["radius"] == pytest.approx(0.8) and new["id"] == max(_clusters(db))
+    hits = db.search(_keys((0.0, 0.0), (2.0, 0.0), (1.0, 0.0), (2.6, 0.0), (2.4, 0.0), (2.2, 0.0)))
+    assert [h.edit_id if h else None for h in hits] == ["e1", "e2", "e3", "e4", "e4", "e2"]
+    assert db.edit_ids() == {"e1", "e2", "e3", "e4"}
+    assert db.stats() == {
+        "clusters": 4, "members": 4, "conflicts_total": 1, "forgotten_total": 0, "retracted_total": 0,
+    }
+
+
+def test_split_regroups_outside_members_that_lie_together():
+    points = [(1.5, -1.5), (0.5, 0.0), (1.5, 0.5), (0.0, -0.5)]  # one cluster, centre (0.875, -0.375)
+    forget, split = VectorDB(2, 1.0), VectorDB(2, 1.0, conflict_policy="split")
+    for db in (forget, split):
+        _insert(db, points, ["a"] * 4, ["e0", "e1", "e2", "e3"])
+    # d = 2.07 from the centre: R_C 1.287 -> 1.035, leaving (1.5,-1.5) and (1.5,0.5) outside.
+    assert _insert(forget, [(-1.0, 0.5)], ["b"], ["e4"]).forgotten == [("e0", 0), ("e2", 0)]
+    assert _insert(split, [(-1.0, 0.5)], ["b"], ["e4"]).forgotten == []
+    kept, pair, new = _clusters(split).values()
+    assert kept["edit_ids"] == ["e1", "e3"] and pair["edit_ids"] == ["e0", "e2"] and new["edit_ids"] == ["e4"]
+    assert pair["centre"] == [1.5, -0.5] and pair["radius"] == pytest.approx(1.0)
+    hits = split.search(_keys(*points, (-1.0, 0.5)))
+    assert [h.edit_id for h in hits] == ["e0", "e1", "e2", "e3", "e4"]
+    assert [h.edit_id if h else None for h in forget.search(_keys(*points))] == [None, "e1", None, "e3"]
+
+
+def test_split_evicts_a_remaining_member_that_a_new_cluster_would_take():
+    points = [(1.0, -1.5), (0.5, 0.0), (1.5, -1.5), (0.0, 0.0)]  # centre (0.75, -0.75)
+    db = VectorDB(2, 1.0, conflict_policy="split")
+    _insert(db, points, ["a"] * 4, ["e0", "e1", "e2", "e3"])
+    report = _insert(db, [(1.5, 1.0)], ["b"], ["e4"])
+    # R_C -> 0.952 moves (1.5,-1.5) and (0,0) out. Each, as its own cluster, would be the nearest
+    # centre of a member left in C: (1,-1.5) is 0.5 from (1.5,-1.5) but 0.79 from C's centre, so
+    # C's members leave it too, and every key keeps a centre of its own.
+    assert report.actions == ["conflict"] and report.forgotten == []
+    clusters = _clusters(db)
+    assert sorted(c["edit_ids"] for c in clusters.values()) == [["e0"], ["e1"], ["e2"], ["e3"], ["e4"]]
+    assert 0 not in clusters  # C was emptied, hence removed
+    hits = db.search(_keys(*points, (1.5, 1.0)))
+    assert [h.edit_id for h in hits] == ["e0", "e1", "e2", "e3", "e4"]
+    for c in clusters.values():
+        if c["label"] == "a":
+            assert c["radius"] <= np.linalg.norm(np.array(c["centre"]) - [1.5, 1.0]) / 2
+
+
+def test_supersede_is_the_same_under_both_conflict_policies():
+    states = []
+    for policy in ("forget", "split"):
+        db = VectorDB(2, 1.0, conflict_policy=policy)
+        _insert(db, [(0.0, 0.0), (1.5, 0.0)], ["a", "a"], ["old", "other"])
+        assert _insert(db, [(0.0, 0.0)], ["b"], ["new"], [5]).forgotten == [("old", 0)]
+        states.append({k: v for k, v in db.to_state()[0].items() if k != "conflict_policy"})
+    assert states[0] == states[1]
+
+
+def _routable(db: VectorDB) -> tuple[set[str], set[str]]:
+    """Edits with a member whose key routes to a cluster of its label, and to its own edit."""
+    clusters = db.clusters()
+    labels = {c["id"]: c["label"] for c in clusters}
+    members = [(c["label"], edit_id) for c in clusters for edit_id in c["edit_ids"]]
+    hits = db.search(np.concatenate([c["keys"] for c in clusters]))
+    to_label = {e for (label, e), h in zip(members, hits) if h is not None and labels[h.cluster_id] == label}
+    to_own = {e for (_, e), h in zip(members, hits) if h is not None and h.edit_id == e}
+    return to_label, to_own
+
+
+def _check_invariants(db: VectorDB) -> None:
+    clusters = db.clusters()
+    for record in clusters:
+        assert record["radius"] > 0
+        assert np.linalg.norm(record["keys"] - record["centre"], axis=1).max() <= record["radius"] + 1e-5
+    assert db.edit_ids() == {e for r in clusters for e in r["edit_ids"]}
+    assert db.stats()["members"] == sum(len(r["blocks"]) for r in clusters)
+
+
+@pytest.mark.parametrize("dim,spread,exact_max", [(2, 0.4, 4096), (3, 0.3, 0), (8, 0.3, 4096)])
+def test_random_streams_split_forgets_nothing_in_conflicts_and_routes_no_worse_than_forget(dim, spread, exact_max):
+    # Every insert into a "split" database is replayed on a "forget" copy of it, so each conflict is
+    # compared on the same database. Both keep the invariants; under "split" a conflict forgets
+    # nothing, the new key and every member "forget" drops route to their own edit, every member
+    # that routes to its label (or own edit) under "forget" still does, and every cluster the split
+    # creates is halved against the new key. exact_max=0 routes through the HNSW graph.
+    rng = np.random.default_rng(20 + dim)
+    db = VectorDB(dim, 0.5, conflict_policy="split", exact_search_max_clusters=exact_max)
+    anchors = rng.normal(size=(25, dim)).astype(np.float32) * 2
+    actions, kept, supersede_losses = [], 0, 0
+    for step in range(200):
+        key = anchors[rng.integers(0, 25)] + rng.normal(size=(1, dim)).astype(np.float32) * spread
+        args = ([f"y{rng.integers(0, 3)}"], [step], [f"e{step}"])
+        next_id = db.to_state(include_index=False)[0]["next_cluster_id"]
+        forget = db.copy()
+        forget.conflict_policy = "forget"
+        expected = forget.insert(key, *args)
+        report = db.insert(key, *args)
+        actions += report.actions
+        assert report.actions == expected.actions
+        if report.actions[0] in ("add", "conflict", "supersede"):
+            assert db.search(key)[0].edit_id == f"e{step}"
+        if report.actions != ["conflict"]:
+            assert report.forgotten == expected.forgotten  # the other rules do not depend on the policy
+            supersede_losses += len(report.forgotten)
+            continue
+        assert report.forgotten == []
+        for either in (db, forget):
+            _check_invariants(either)
+        split_label, split_own = _routable(db)
+        forget_label, forget_own = _routable(forget)
+        assert forget_label <= split_label and forget_own <= split_own
+        assert {edit_id for edit_id, _ in expected.forgotten} <= split_own
+        kept += len(expected.forgotten)
+        for record in db.clusters()[:-1]:
+            if record["id"] >= next_id:  # created by this split
+                assert record["radius"] <= np.linalg.norm(record["centre"] - key[0]) / 2 + 1e-6
+    assert actions.count("conflict") > 20 and kept > 5
+    assert db.stats()["forgotten_total"] == supersede_losses
+
+
 def test_retract_removes_members_refits_and_drops_empty_clusters():
     db = VectorDB(2, 1.0)
     _insert(db, [(0.0, 0.0), (1.5, 0.0), (10.0, 0.0)], ["a", "a", "b"], ["e1", "e2", "e3"])
@@ -269,6 +397,23 @@ def test_state_round_trip_gives_identical_state_and_routes():
     assert _routes(loaded.search(queries)) == _routes(db.search(queries))
     rebuilt = VectorDB.from_state(state, {k: v for k, v in arrays.items() if not k.startswith("graph/")})
     assert _routes(rebuilt.search(queries)) == _routes(db.search(queries))
+
+
+def test_the_conflict_policy_round_trips_and_older_states_load_as_forget():
+    db, keys = _random_db(300, 4, seed=18, conflict_policy="split")
+    state, arrays = db.to_state()
+    assert state["conflict_policy"] == "split" and db.stats()["conflicts_total"] > 0
+    loaded = VectorDB.from_state(json.loads(json.dumps(state)), arrays)
+    assert loaded.conflict_policy == "split" and loaded.copy().conflict_policy == "split"
+    # Both go on identically, through conflicts that split clusters.
+    more = keys[:60] + np.random.default_rng(19).normal(size=(60, 4)).astype(np.float32) * 0.3
+    for either in (db, loaded):
+        either.insert(more, [f"y{i % 3}" for i in range(60)], [90] * 60, [f"m{i}" for i in range(60)])
+    assert _same_state(db, loaded)
+    older = {k: v for k, v in VectorDB(2, 1.0).to_state()[0].items() if k != "conflict_policy"}
+    assert VectorDB.from_state(older, {}).conflict_policy == "forget"
+    with pytest.raises(ValueError, match="conflict_policy"):
+        VectorDB(2, 1.0, conflict_policy="keep")
 
 
 def test_empty_database_round_trips_and_accepts_inserts():
