@@ -69,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     melo.add_argument("--key-module")
     melo.add_argument("--target-modules", help="comma-separated module names")
     melo.add_argument("--no-early-stop", action="store_true")
+    melo.add_argument("--conflict-policy", choices=("forget", "split"),
+                      help="what a cluster conflict does with the members it pushes out (default: forget)")
     melo.add_argument("--max-length-tokens", type=int,
                       help="longest prompt+target the editor accepts (all methods; hallucination prompts need 512)")
     grace = parser.add_argument_group("GRACE")
@@ -122,6 +124,7 @@ def melo_config(model, task: str, args: argparse.Namespace):
         "target_modules": args.target_modules.split(",") if args.target_modules else None,
         "edits_per_block": args.batch_size,
         "max_length_tokens": args.max_length_tokens,
+        "conflict_policy": args.conflict_policy,
         "seed": args.seed,
     }
     data = {**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}

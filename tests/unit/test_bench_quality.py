@@ -64,3 +64,13 @@ def test_markdown_table_shows_only_columns_with_values():
     table = quality.markdown_table([{"n_edits": 0, "es_tf": None, "loc_em": 1.0}, {"n_edits": 10, "es_tf": 0.5}])
     assert table.splitlines()[0] == "| n_edits | es_tf | loc_em |"
     assert "| 10 | 0.500 |  |" in table
+
+
+def test_melo_overrides_reach_the_editor_config():
+    model, _ = tiny_model("llama")
+    args = quality.parse_args(["--conflict-policy", "split", "--max-length-tokens", "512", "--r-init", "2.5",
+                               "--batch-size", "7"])
+    config = quality.melo_config(model, "generate", args)
+    assert (config.conflict_policy, config.max_length_tokens, config.r_init, config.edits_per_block) == (
+        "split", 512, 2.5, 7)
+    assert quality.melo_config(model, "generate", quality.parse_args([])).conflict_policy == "forget"
