@@ -57,8 +57,9 @@ class MeloConfig:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 64
     seed: int = 0
-    # What a conflict does with the old cluster's members outside its halved radius: "forget" them
-    # (the paper's rule) or "split" them into clusters of their own (melo_runtime/vectordb.py).
+    # What a conflict or supersede does with the old cluster's members: "forget" those outside its
+    # halved radius, or within R_init of the new key (the paper's rule), or "split" them into
+    # clusters of their own, forgetting only a re-edit of the same input (melo_runtime/vectordb.py).
     conflict_policy: str = "forget"
 
     def __post_init__(self) -> None:
