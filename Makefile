@@ -34,8 +34,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration"
 
+# Every benchmark behind bench/RESULTS.md (CPU hours); select with ONLY=name-prefix[,prefix...].
 bench: install
-	$(BIN)/python -m bench.quality --help
+	$(BIN)/python -m bench.suite $(if $(ONLY),--only $(ONLY),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
