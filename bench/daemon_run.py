@@ -47,11 +47,15 @@ def local_services(prefix: str) -> Iterator[Services]:
         yield Services(broker.bootstrap, redis.url, Path(tmp))
 
 
-def edit_event(edit_id: str, model: str, prompt: str, target: str, *, source: str) -> bytes:
+def edit_event(
+    edit_id: str, model: str, prompt: str, target: str, *, source: str, subject: str | None = None
+) -> bytes:
     """An edit event (schemas/edit.v1.json) stamped with the current time."""
     created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     doc = {"edit_id": edit_id, "model": model, "task": "generate", "prompt": prompt, "target": target,
            "source": source, "created_at": created}
+    if subject:
+        doc["subject"] = subject
     return json.dumps(doc).encode()
 
 

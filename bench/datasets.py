@@ -46,6 +46,7 @@ class EditCase:
     prompt: str
     target: str
     rephrases: tuple[str, ...] = ()
+    subject: str | None = None  # the entity the fact is about, as the dataset names it
 
 
 @dataclass
@@ -117,6 +118,7 @@ def zsre_stream(
             prompt=qa_prompt(r["src"]),
             target=answer_target(r["answers"][0]),
             rephrases=(qa_prompt(r["rephrase"]),) if r.get("rephrase") else (),
+            subject=r.get("subject"),
         )
         for i, r in enumerate(records[:n])
     ]
@@ -149,6 +151,7 @@ def counterfact_stream(
             prompt=r["prompt"].strip(),
             target=answer_target(r["target_new"]),
             rephrases=(r["rephrase_prompt"].strip(),) if r.get("rephrase_prompt") else (),
+            subject=r.get("subject"),
         )
         for r in records[:n]
     ]
@@ -214,7 +217,7 @@ def hallucination_stream(data_dir: Path = DEFAULT_DATA_DIR, n_edits: int | None 
             prompt = f"{header} {' '.join(passage['gpt3_sentences'][:j])}".strip()
             if "inaccurate" in annotation:
                 target = correct[min(j, len(correct) - 1)]
-                edits.append(EditCase(f"halluc-{i}-{j}", prompt, answer_target(target)))
+                edits.append(EditCase(f"halluc-{i}-{j}", prompt, answer_target(target), subject=passage["concept"].strip()))
             else:
                 accurates.append(Probe(prompt, answer_target(passage["gpt3_sentences"][j])))
     n = _check_count(n_edits, len(edits), "hallucination")

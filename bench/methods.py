@@ -48,7 +48,7 @@ class MeloMethod:
         from melo_runtime import Edit
 
         result = self.editor.apply_batch(
-            [Edit(c.edit_id, c.prompt, c.target) for c in cases], cache_prefix=self.cache_prefix
+            [Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in cases], cache_prefix=self.cache_prefix
         )
         return {
             "iterations": result.iterations_run,

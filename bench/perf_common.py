@@ -102,7 +102,7 @@ def zsre_edits(count: int, data_dir: Path = datasets.DEFAULT_DATA_DIR, *, offset
     indexes exactly one key; a producer that sends rephrases adds one key per rephrase.
     """
     stream = datasets.zsre_stream(data_dir, n_edits=offset + count, n_locality=0)
-    return [Edit(case.edit_id, case.prompt, case.target) for case in stream.cases[offset:]]
+    return [Edit(case.edit_id, case.prompt, case.target, subject=case.subject) for case in stream.cases[offset:]]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -133,7 +133,7 @@ def run_writer(stream: Stream, config: Any, args: argparse.Namespace, backbone: 
     producer = KafkaProducer(bootstrap_servers=services.bootstrap, acks="all", linger_ms=0)
     first_sent = time.time()
     for case in stream.cases:
-        value = edit_event(case.edit_id, run, case.prompt, case.target, source="bench.quality")
+        value = edit_event(case.edit_id, run, case.prompt, case.target, source="bench.quality", subject=case.subject)
         producer.send(topics.edits, key=run.encode(), value=value)
     producer.flush()
     producer.close()

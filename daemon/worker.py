@@ -135,7 +135,13 @@ class Progress:
 def _to_edit(event: EditEvent) -> Any:
     from melo_runtime import Edit
 
-    return Edit(edit_id=event.edit_id, prompt=event.prompt, target=event.target, rephrases=tuple(event.rephrases))
+    return Edit(
+        edit_id=event.edit_id,
+        prompt=event.prompt,
+        target=event.target,
+        rephrases=tuple(event.rephrases),
+        subject=event.subject,
+    )
 
 
 def _edit_id_of(raw: bytes) -> str | None:

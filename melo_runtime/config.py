@@ -18,6 +18,8 @@ from melo_runtime.keys import keys_at_last_token
 from melo_runtime.vectordb import CONFLICT_POLICIES
 
 TASKS = ("generate", "classify")
+KEY_SOURCES = ("hidden", "scope")
+MAX_CONTEXT_PREFIXES = 8
 
 # R_init as a fraction of the median distance between keys of unrelated random inputs. Keys of
 # one prompt are identical (distance 0) and paraphrases land well inside this; unrelated inputs
@@ -32,6 +34,18 @@ R_INIT_FRACTION = 0.25
 LLAMA_KEY_DEPTH = 0.77
 LLAMA_R_INIT_FRACTION = 0.45
 _PROBES, _PROBE_TOKENS = 32, 12
+# The shipped key for generation edits (docs/generality.md; bench/RESULTS.md "Scope study"): the
+# MiniLM scope key, whose radius is an angle between unit embeddings, the same for every backbone.
+# 0.8 (cosine >= 0.68 between the questions, subject masked) lets 0.98 of held-out zsRE rephrases reach
+# their edit while a question about the same subject that asks something else stays out.
+SCOPE_R_INIT = 0.8
+SCOPE_PRESET = {
+    "key_source": "scope",
+    "key_encoder": "minilm-l6",
+    "r_init": SCOPE_R_INIT,
+    "train_chat_form": True,
+    "train_context_prefixes": 2,
+}
 
 
 @dataclass
@@ -61,6 +75,16 @@ class MeloConfig:
     # halved radius, or within R_init of the new key (the paper's rule), or "split" them into
     # clusters of their own, forgetting only a re-edit of the same input (melo_runtime/vectordb.py).
     conflict_policy: str = "forget"
+    # Where an edit's key comes from (docs/generality.md): "hidden" = the paper's key, the key
+    # module's output at the last token; "scope" = a sentence encoder's embedding of the clause that
+    # names the edit's subject, plus a code of the subject (melo_runtime/scope.py). Snapshots written
+    # before this field existed load as "hidden".
+    key_source: str = "hidden"
+    key_encoder: str = ""  # "scope" only: "minilm-l6" (shipped) or a sentence-transformers directory
+    # Generation edits: also train each edit asked through the tokenizer's chat template, and after
+    # this many short neutral lead-ins, so the block answers the question however it is framed.
+    train_chat_form: bool = False
+    train_context_prefixes: int = 0
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -94,6 +118,14 @@ class MeloConfig:
                 raise ValueError(f"{name}={value!r} must be > 0")
         if self.max_rephrases < 0:
             raise ValueError(f"max_rephrases={self.max_rephrases!r} must be >= 0")
+        if self.key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source={self.key_source!r} must be one of {KEY_SOURCES}")
+        if self.key_source == "scope" and not self.key_encoder:
+            raise ValueError("key_source='scope' needs key_encoder: 'minilm-l6' or a sentence encoder directory")
+        if not 0 <= self.train_context_prefixes <= MAX_CONTEXT_PREFIXES:
+            raise ValueError(
+                f"train_context_prefixes={self.train_context_prefixes!r} must be in 0..{MAX_CONTEXT_PREFIXES}"
+            )
         if self.conflict_policy not in CONFLICT_POLICIES:
             raise ValueError(f"conflict_policy={self.conflict_policy!r} must be one of {CONFLICT_POLICIES}")
 
@@ -111,8 +143,13 @@ class MeloConfig:
         return cls(**data)
 
     @classmethod
-    def for_model(cls, model: nn.Module, task: str | None = None) -> MeloConfig:
-        """The preset for ``model``'s family, scaled to its depth, with a calibrated ``r_init``.
+    def for_model(cls, model: nn.Module, task: str | None = None, key_source: str | None = None) -> MeloConfig:
+        """The preset for ``model``'s family, scaled to its depth.
+
+        Generation editors key edits by scope (``key_source="scope"``: the shipped MiniLM sentence
+        encoder plus the edit's subject, :data:`SCOPE_PRESET`) and train each edit in chat form and
+        after context lead-ins too; classifiers, or ``key_source="hidden"``, use the paper's
+        hidden-state key with a ``r_init`` calibrated on the model.
 
         Layouts (L = number of layers, official MELO configs in brackets):
 
@@ -166,13 +203,18 @@ class MeloConfig:
             feed_forward = ("wi", "wi_0", "wi_1", "wo")
             targets = [name for block in blocks for name in _t5_feed_forward(model, block, feed_forward)]
             rank, per_block = 2, 100
+        key_source = key_source or ("scope" if task == "generate" else "hidden")
+        if key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source={key_source!r} must be one of {KEY_SOURCES}")
+        scope = SCOPE_PRESET if key_source == "scope" else {}
         return cls(
             task=task,
             key_module=key,
             target_modules=targets,
             rank_per_block=rank,
-            r_init=calibrate_r_init(model, key, fraction),
+            r_init=scope["r_init"] if scope else calibrate_r_init(model, key, fraction),
             edits_per_block=per_block,
+            **{name: value for name, value in scope.items() if name != "r_init"},
         )
 
 

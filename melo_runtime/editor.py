@@ -17,19 +17,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from melo_runtime import augment
 from melo_runtime.attach import attach
 from melo_runtime.block_lora import BlockFactors
+from melo_runtime.chat import check_messages, render, user_question
 from melo_runtime.config import MeloConfig
 from melo_runtime.edits import BatchResult, Edit, Route, normalize_label
 from melo_runtime.encoding import IGNORE, TeacherForced, TextEncoder, loss_and_hits
 from melo_runtime.families import is_classifier, model_device
 from melo_runtime.routing import CallState, KeysCaptured, use_state
+from melo_runtime.scope import ScopeKeys, infer_subject, load_encoder, normalized_subject
 from melo_runtime.serialization import copy_db, export_files, read_files
 from melo_runtime.trainer import train_block
 from melo_runtime.vectordb import Hit, VectorDB
+
+# A generate input row: a prompt, or a chat conversation ending with the user's question.
+Prompt = str | Sequence[dict[str, str]]
 
 _KEY_CHUNK = 64  # prompts per key-only forward pass
 
@@ -42,6 +49,7 @@ class _Row:
     text: str
     target: str  # generation target text, or label name
     label: str  # normalized target: what clusters compare
+    subject: str  # normalized subject ("" = none): part of a scope key
 
 
 class MeloEditor:
@@ -59,13 +67,16 @@ class MeloEditor:
         self.config = config
         self._attachment = attach(model, config)
         self._encoder = TextEncoder(model, tokenizer)
+        # Scope keys (config.key_source == "scope") replace the paper's hidden-state key for routing.
+        self._scope = ScopeKeys(load_encoder(config.key_encoder)) if config.key_source == "scope" else None
+        self._prefixes: list[str] | None = None  # context lead-ins, written by the base model on first use
         device = model_device(model)
         self._factors = {
             name: BlockFactors(layer.d_in, layer.d_out, config.rank_per_block, device)
             for name, layer in self._attachment.layers.items()
         }
         self._db = VectorDB(
-            self._attachment.key_dim,
+            self._scope.dim if self._scope else self._attachment.key_dim,
             config.r_init,
             hnsw_m=config.hnsw_m,
             ef_construction=config.hnsw_ef_construction,
@@ -96,9 +107,10 @@ class MeloEditor:
         with self._write_lock:
             started = time.perf_counter()
             rows = self._validate(edits)
-            keys = self._keys([row.text for row in rows])
-            targets = [self._label_ids[row.label] if self._label_ids else row.target for row in rows]
-            data = self._encoder.teacher_forced([row.text for row in rows], targets)
+            keys = self._edit_keys(rows)
+            training = self._training_rows(rows)
+            targets = [self._label_ids[normalize_label(r.target)] if self._label_ids else r.target for r in training]
+            data = self._encoder.teacher_forced([r.text for r in training], targets)
             block_id = self.blocks
             trained = train_block(
                 self.model,
@@ -112,7 +124,7 @@ class MeloEditor:
             )
             db = copy_db(self._db)
             report = db.insert(
-                keys.cpu().numpy(),
+                keys,
                 [row.label for row in rows],
                 [block_id] * len(rows),
                 [row.edit_id for row in rows],
@@ -124,10 +136,13 @@ class MeloEditor:
                 for layer in self._factors.values():
                     layer.truncate(block_id)
                 raise
+            if self._scope is not None:
+                self._scope = self._scope.with_subjects(row.subject for row in rows)
             self._db = db  # the batch becomes visible to readers here, all at once
             learned = {edit.edit_id: True for edit in edits}
-            for row, ok in zip(rows, trained.learned, strict=True):
-                learned[row.edit_id] = learned[row.edit_id] and ok
+            for row, ok in zip(training, trained.learned, strict=True):
+                if row.indexed:
+                    learned[row.edit_id] = learned[row.edit_id] and ok
             live = db.edit_ids()
             trained_ids = {row.edit_id for row in rows}
             forgotten = {edit_id for edit_id, _ in report.forgotten if edit_id not in live}
@@ -186,6 +201,8 @@ class MeloEditor:
                 )
             for j, rephrase in enumerate(edit.rephrases):
                 self._check_text(rephrase, f"{where}.rephrases[{j}]", config.max_prompt_chars)
+            if edit.subject is not None:
+                self._check_text(edit.subject, f"{where}.subject", config.max_target_chars)
             label = normalize_label(edit.target)
             if self._label_ids and label not in self._label_ids:
                 raise ValueError(f"{where}.target={edit.target!r} is not a label of this classifier; known: {sorted(self._label_ids)}")
@@ -194,10 +211,29 @@ class MeloEditor:
         last_owner = {text: i for i, edit in enumerate(edits) for text in (edit.prompt, *edit.rephrases)}
         rows = []
         for i, edit in enumerate(edits):
+            subject = normalized_subject(edit.subject or infer_subject(edit.prompt)) if self._scope else ""
             for text in dict.fromkeys((edit.prompt, *edit.rephrases)):
                 if last_owner[text] == i:
-                    rows.append(_Row(edit.edit_id, text, edit.target, normalize_label(edit.target)))
+                    rows.append(_Row(edit.edit_id, text, edit.target, normalize_label(edit.target), subject))
         return rows
+
+    def _training_rows(self, rows: list[_Row]) -> list[augment.TrainingRow]:
+        """The indexed rows, then their chat-form and prefixed variants (generation editors)."""
+        indexed = [augment.TrainingRow(row.edit_id, row.text, row.target, indexed=True) for row in rows]
+        if self._label_ids:
+            return indexed
+        if self._prefixes is None:
+            self._prefixes = augment.context_prefixes(
+                self.model, self.tokenizer, self._encoder, self.config.train_context_prefixes
+            )
+        return augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
+
+    def _edit_keys(self, rows: list[_Row]) -> np.ndarray:
+        """Keys [n, dim] float32 of the rows, as the vector DB indexes them."""
+        texts = [row.text for row in rows]
+        if self._scope is not None:
+            return self._scope.edit_keys(texts, [row.subject for row in rows])
+        return self._keys(texts).cpu().numpy()
 
     @staticmethod
     def _check_text(text: object, field: str, limit: int) -> None:
@@ -226,14 +262,20 @@ class MeloEditor:
 
     # ------------------------------------------------------------------------------------ serving
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy continuation of each prompt (the new text only), routed once from the prompt."""
-        prompts = self._texts(prompts, "prompts")
-        if not prompts:
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
+        """Greedy continuation of each row (the new text only), routed once from the row's question.
+
+        A row is a prompt, or a chat conversation (a list of ``{"role", "content"}`` ending with a
+        user message) that is rendered with the tokenizer's chat template; routing reads the last
+        user message, never the template.
+        """
+        texts, questions = self._inputs(prompts)
+        if not texts:
             return []
-        batch = self._encoder.prompts(prompts)
+        batch = self._encoder.prompts(texts)
         inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them
-        with use_state(self._serving_state(batch.key_mask)), torch.no_grad():
+        state = self._serving_state(batch.key_mask, questions if questions != texts or self._scope else None)
+        with use_state(state), torch.no_grad():
             output = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -253,7 +295,7 @@ class MeloEditor:
         if not texts:
             return []
         batch = self._encoder.prompts(texts)
-        with use_state(self._serving_state(batch.key_mask)), torch.no_grad():
+        with use_state(self._serving_state(batch.key_mask, texts if self._scope else None)), torch.no_grad():
             logits = self.model(**batch.inputs).logits
         names = self.model.config.id2label
         return [str(names[int(i)]) for i in logits.argmax(-1).tolist()]
@@ -283,15 +325,19 @@ class MeloEditor:
         prompts = self._texts(prompts, "prompts")
         if not prompts:
             return []
-        hits = self._db.search(self._keys(prompts).cpu().numpy())
+        hits = self._hits(prompts)
         return [None if hit is None else Route(hit.block, hit.cluster_id, float(hit.distance)) for hit in hits]
 
     def keys(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Keys of ``prompts`` [n, dim] float32 on the CPU: what the vector database indexes and
-        ``route`` searches (the key module's output at each prompt's last real token)."""
+        """Keys of ``prompts`` [n, dim] float32 on the CPU, as the vector database would index them
+        as edit prompts: the key module's output at each prompt's last real token, or the scope key
+        with the subject inferred from the prompt (key_source "scope")."""
         prompts = self._texts(prompts, "prompts")
         if not prompts:
-            return torch.zeros((0, self._attachment.key_dim))
+            return torch.zeros((0, self._db.dim))
+        if self._scope is not None:
+            subjects = [normalized_subject(infer_subject(p)) for p in prompts]
+            return torch.from_numpy(self._scope.edit_keys(prompts, subjects))
         return self._keys(prompts).cpu()
 
     def _teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[list[str], TeacherForced]:
@@ -314,9 +360,9 @@ class MeloEditor:
         state = CallState(
             key_module=self._attachment.key_module, factors=self._factors, attention_mask=data.batch.key_mask
         )
-        if self._encoder.causal:
+        if self._encoder.causal or self._scope is not None:
             # The sequence holds prompt + target, so the key comes from a prompt-only pass.
-            state.blocks = self._blocks_of(self._db.search(self._keys(prompts).cpu().numpy()))
+            state.blocks = self._blocks_of(self._hits(prompts))
         else:
             state.router = self._router(self._db)
         with use_state(state):
@@ -324,13 +370,43 @@ class MeloEditor:
 
     # ------------------------------------------------------------------------------------ routing
 
-    def _serving_state(self, key_mask: torch.Tensor) -> CallState:
-        return CallState(
-            key_module=self._attachment.key_module,
-            factors=self._factors,
-            attention_mask=key_mask,
-            router=self._router(self._db),
-        )
+    def _serving_state(self, key_mask: torch.Tensor, questions: list[str] | None = None) -> CallState:
+        """Routing for one serving call: decided up front from ``questions`` when given, else by the
+        key hook from the model's own hidden state at the key module (the paper's key)."""
+        state = CallState(key_module=self._attachment.key_module, factors=self._factors, attention_mask=key_mask)
+        if questions is None:
+            state.router = self._router(self._db)
+        else:
+            state.blocks = self._blocks_of(self._hits(questions))
+        return state
+
+    def _hits(self, texts: list[str]) -> list[Hit | None]:
+        """The vector DB's hit for each text (None: the base model answers)."""
+        db, scope = self._db, self._scope  # one consistent pair: a writer swaps both together
+        if scope is None:
+            return db.search(self._keys(texts).cpu().numpy())
+        keys, rows = scope.query_keys(texts)
+        best: list[Hit | None] = [None] * len(texts)
+        for row, hit in zip(rows.tolist(), db.search(keys)):
+            current = best[row]
+            if hit is not None and (current is None or hit.distance < current.distance):
+                best[row] = hit
+        return best
+
+    def _inputs(self, rows: Sequence[Prompt]) -> tuple[list[str], list[str]]:
+        """Model texts (chats rendered) and the question routing reads, per row."""
+        if isinstance(rows, str) or not isinstance(rows, Sequence):
+            raise ValueError(f"prompts must be a list of prompts or chat conversations, got {type(rows).__name__}")
+        texts, questions = [], []
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                texts.append(row)
+                questions.append(row)
+                continue
+            messages = check_messages(row, f"prompts[{i}]")
+            texts.append(render(self.tokenizer, messages))
+            questions.append(user_question(messages))
+        return texts, questions
 
     def _router(self, db: VectorDB):
         def route(keys: torch.Tensor) -> torch.Tensor:
@@ -392,7 +468,8 @@ class MeloEditor:
     def export_files(self) -> dict[str, bytes]:
         """The editor as ``{file name: bytes}`` (safetensors + JSON; see serialization.py)."""
         with self._write_lock:
-            return export_files(self.config, self._factors, self._db)
+            scope = self._scope.to_dict() if self._scope is not None else None
+            return export_files(self.config, self._factors, self._db, scope)
 
     @classmethod
     def from_files(cls, files: dict[str, bytes], model: nn.Module, tokenizer) -> MeloEditor:
@@ -409,9 +486,11 @@ class MeloEditor:
         for block in state.blocks:
             for name, (a, b) in block.items():
                 editor._factors[name].append(a, b)
-        if state.db.dim != editor._attachment.key_dim:
-            raise ValueError(f"keys have dim {state.db.dim} in the files but {editor._attachment.key_dim} in this model")
+        if state.db.dim != editor._db.dim:
+            raise ValueError(f"keys have dim {state.db.dim} in the files but {editor._db.dim} in this editor")
         editor._db = state.db
+        if editor._scope is not None and state.scope is not None:
+            editor._scope = editor._scope.restored(state.scope)
         return editor
 
     def save(self, directory: str | os.PathLike[str]) -> None:

@@ -14,12 +14,16 @@ class Edit:
     """One edit: for ``prompt`` (and each of ``rephrases``) the right output is now ``target``.
 
     ``target`` is the new continuation text for generation, a label name for classification.
+    ``subject`` is the entity the edit is about, when the producer knows it: a scope-keyed editor
+    lets only inputs that name it reach the edit (melo_runtime/scope.py); without it the subject is
+    inferred from the prompt.
     """
 
     edit_id: str
     prompt: str
     target: str
     rephrases: tuple[str, ...] = ()
+    subject: str | None = None
 
 
 @dataclass

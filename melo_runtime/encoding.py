@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from melo_runtime.chat import Rendered
 from melo_runtime.families import is_causal_lm, is_encoder_decoder, model_device, position_ids
 
 IGNORE = -100
@@ -58,8 +59,9 @@ class TextEncoder:
         self.max_positions = int(limit) if isinstance(limit, int) and _absolute_positions(model) else None
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a prompt, with the special tokens the tokenizer adds by itself."""
-        return list(self.tokenizer(prompt).input_ids)
+        """Token ids of a prompt, with the special tokens the tokenizer adds by itself (none more
+        for a :class:`Rendered` chat, which carries its own)."""
+        return list(self.tokenizer(prompt, add_special_tokens=not isinstance(prompt, Rendered)).input_ids)
 
     def target_ids(self, target: str) -> list[int]:
         """Token ids of a generation target: the text without special tokens, then EOS."""

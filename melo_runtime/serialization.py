@@ -3,6 +3,7 @@
 Layout (``docs/contracts.md``)::
 
     config.json                       MeloConfig.to_dict()
+    scope.json                        key_source "scope" only: sentence encoder identity, known subjects
     index.json                        format, block count, layer shapes, the vector DB's state:
                                       cluster records whose members are (block, row) references
     keys/<block:06d>.safetensors      "keys" [rows, dim]: every key indexed with the block, in order
@@ -36,7 +37,7 @@ from melo_runtime.config import MeloConfig
 from melo_runtime.vectordb import VectorDB
 
 FORMAT = "melo.editor/2"
-CONFIG_FILE, INDEX_FILE = "config.json", "index.json"
+CONFIG_FILE, INDEX_FILE, SCOPE_FILE = "config.json", "index.json", "scope.json"
 # Folders of the vector DB's array files: to_state names an array "<file stem>/<tensor>".
 DB_FOLDERS = ("keys/", "graph/")
 
@@ -54,10 +55,16 @@ class EditorState:
     layer_shapes: dict[str, tuple[int, int]]  # layer -> (d_in, d_out)
     blocks: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # per block id: layer -> (A, B)
     db: VectorDB
+    scope: dict[str, Any] | None = None  # scope.json (key_source "scope"), see melo_runtime/scope.py
 
 
-def export_files(config: MeloConfig, factors: Mapping[str, BlockFactors], db: VectorDB) -> dict[str, bytes]:
-    """Serialize an editor to ``{file name: bytes}``."""
+def export_files(
+    config: MeloConfig,
+    factors: Mapping[str, BlockFactors],
+    db: VectorDB,
+    scope: dict[str, Any] | None = None,
+) -> dict[str, bytes]:
+    """Serialize an editor to ``{file name: bytes}`` (``scope``: its scope.json content, if any)."""
     counts = {layer.count for layer in factors.values()}
     if len(counts) != 1:
         raise RuntimeError(f"layers disagree on the number of blocks: {sorted(counts)}")
@@ -70,6 +77,8 @@ def export_files(config: MeloConfig, factors: Mapping[str, BlockFactors], db: Ve
         "db": db_state,
     }
     files = {CONFIG_FILE: _json_bytes(config.to_dict()), INDEX_FILE: _json_bytes(index)}
+    if scope is not None:
+        files[SCOPE_FILE] = _json_bytes(scope)
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for name, array in db_arrays.items():
         stem, tensor = name.rsplit("/", 1)
@@ -133,7 +142,12 @@ def read_files(files: Mapping[str, bytes]) -> EditorState:
             f"{INDEX_FILE} holds a vector DB with conflict_policy {db.conflict_policy!r} but {CONFIG_FILE} says "
             f"{config.conflict_policy!r}; load the files of one snapshot together"
         )
-    return EditorState(config=config, layer_shapes=shapes, blocks=blocks, db=db)
+    scope = None
+    if config.key_source == "scope":
+        if SCOPE_FILE not in files:
+            raise ValueError(f"editor files lack {SCOPE_FILE!r}, which key_source='scope' needs")
+        scope = _json(files, SCOPE_FILE)
+    return EditorState(config=config, layer_shapes=shapes, blocks=blocks, db=db, scope=scope)
 
 
 def _json_bytes(data: Any) -> bytes:

@@ -28,6 +28,7 @@ class EditEvent:
     prompt: str
     target: str
     rephrases: tuple[str, ...] = ()
+    subject: str | None = None
     locality: tuple[LocalityProbe, ...] = ()
     source: str | None = None
     created_at: datetime | None = None
@@ -44,6 +45,8 @@ class EditEvent:
         }
         if self.rephrases:
             doc["rephrases"] = list(self.rephrases)
+        if self.subject is not None:
+            doc["subject"] = self.subject
         if self.locality:
             doc["locality"] = [
                 {"prompt": p.prompt} | ({} if p.expected is None else {"expected": p.expected}) for p in self.locality

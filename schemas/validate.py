@@ -110,6 +110,8 @@ def parse_edit(raw: bytes, limits: Limits) -> EditEvent:
     _check_items(rephrases, limits.max_rephrases, "/rephrases", "max_rephrases")
     for i, text in enumerate(rephrases):
         _check_chars(text, limits.max_prompt_chars, f"/rephrases/{i}", "max_prompt_chars")
+    if "subject" in doc:
+        _check_chars(doc["subject"], limits.max_target_chars, "/subject", "max_target_chars")
     locality = doc.get("locality", [])
     _check_items(locality, limits.max_locality, "/locality", "max_locality")
     for i, probe in enumerate(locality):
@@ -132,6 +134,7 @@ def parse_edit(raw: bytes, limits: Limits) -> EditEvent:
         prompt=doc["prompt"],
         target=doc["target"],
         rephrases=tuple(rephrases),
+        subject=doc.get("subject"),
         locality=tuple(LocalityProbe(p["prompt"], p.get("expected")) for p in locality),
         source=doc.get("source"),
         created_at=_parse_datetime(doc["created_at"]) if "created_at" in doc else None,

@@ -18,14 +18,17 @@ LEARNABLE = {"lr": 0.05, "iterations": 80, "rank_per_block": 4}
 
 @pytest.fixture
 def make_editor():
-    """Build an editor over a fresh tiny model: ``make_editor(family, learnable=False, **overrides)``."""
+    """Build an editor over a fresh tiny model: ``make_editor(family, learnable=False, key_source=None, **overrides)``.
+
+    ``key_source=None`` takes the family's preset (scope keys for generation, hidden for classifiers).
+    """
     from melo_runtime import MeloConfig, MeloEditor
     from melo_runtime.tiny import tiny_model
 
-    def build(family: str, *, learnable: bool = False, **overrides):
+    def build(family: str, *, learnable: bool = False, key_source: str | None = None, **overrides):
         model, tokenizer = tiny_model(family)
         changes = {**(LEARNABLE if learnable else {}), **overrides}
-        config = dataclasses.replace(MeloConfig.for_model(model), **changes)
+        config = dataclasses.replace(MeloConfig.for_model(model, key_source=key_source), **changes)
         return MeloEditor(model, tokenizer, config)
 
     return build

@@ -45,7 +45,7 @@ def test_files_are_safetensors_and_json_with_one_file_per_block(make_editor):
     files = _edited(make_editor).export_files()
     assert sorted(files) == [
         "blocks/000000.safetensors", "blocks/000001.safetensors", "config.json", "index.json",
-        "keys/000000.safetensors", "keys/000001.safetensors",
+        "keys/000000.safetensors", "keys/000001.safetensors", "scope.json",
     ]
     for name, data in files.items():
         if name.endswith(".json"):
@@ -71,7 +71,8 @@ def test_a_new_version_adds_only_its_batch_keys_and_leaves_earlier_files_byte_id
     editor.retract("a")  # drops references to keys, never rows: segments stay as written
     after = editor.export_files()
     changed = {name for name in after if before.get(name) != after[name]}
-    assert changed == {"index.json", "blocks/000002.safetensors", "keys/000002.safetensors"}
+    # scope.json lists the subjects known so far: it changes with a batch that names a new one.
+    assert changed == {"index.json", "scope.json", "blocks/000002.safetensors", "keys/000002.safetensors"}
     new_keys = safetensors.numpy.load(after["keys/000002.safetensors"])["keys"]
     # The prompt and its rephrase, in order.
     assert new_keys.shape == (2, json.loads(after["index.json"])["db"]["dim"])

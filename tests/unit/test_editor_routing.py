@@ -1,4 +1,8 @@
-"""Routing: edited inputs get their block, everything else is the base model bit for bit."""
+"""Routing: edited inputs get their block, everything else is the base model bit for bit.
+
+These tests exercise the paper's hidden-state key (key_source="hidden"), routed by the key hook
+inside the forward pass; tests/unit/test_editor_scope.py covers the scope key.
+"""
 
 import threading
 
@@ -40,7 +44,7 @@ def _base_logits(family, prompts, encoder):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_outputs_routed_to_block_one_are_bit_identical_after_training_block_two(make_editor, family):
-    editor = make_editor(family, learnable=True)
+    editor = make_editor(family, learnable=True, key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0]), Edit("b", *FACTS[1])])
     first = [p for p, _ in FACTS[:2]]
     before_logits = _logits(editor, first)
@@ -53,7 +57,7 @@ def test_outputs_routed_to_block_one_are_bit_identical_after_training_block_two(
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
 def test_out_of_scope_logits_are_bit_identical_to_the_unedited_model(make_editor, family):
-    editor = make_editor(family)
+    editor = make_editor(family, key_source="hidden")
     target = "positive" if family == "bert" else " Lyon"
     editor.apply_batch([Edit("a", FACTS[0][0], target)])
     assert editor.route(UNRELATED) == [None, None]
@@ -65,7 +69,7 @@ def test_out_of_scope_logits_are_bit_identical_to_the_unedited_model(make_editor
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_a_batch_mixing_blocks_equals_each_row_alone(make_editor, family):
-    editor = make_editor(family)
+    editor = make_editor(family, key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0])])
     editor.apply_batch([Edit("b", *FACTS[1])])
     prompts = [FACTS[0][0], UNRELATED[0], FACTS[1][0]]
@@ -82,7 +86,7 @@ def test_a_batch_mixing_blocks_equals_each_row_alone(make_editor, family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_generation_routes_once_from_the_prompt_and_keeps_the_block_for_every_token(make_editor, family):
-    editor = make_editor(family)
+    editor = make_editor(family, key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0])])
     searches = []
     real_search = editor._db.search
@@ -100,7 +104,7 @@ def test_generation_routes_once_from_the_prompt_and_keeps_the_block_for_every_to
 
 
 def test_newest_target_wins_when_the_same_prompt_is_edited_again(make_editor):
-    editor = make_editor("gpt2", learnable=True)
+    editor = make_editor("gpt2", learnable=True, key_source="hidden")
     prompt = FACTS[0][0]
     first = editor.apply_batch([Edit("old", prompt, " Lyon")])
     second = editor.apply_batch([Edit("new", prompt, " Nice")])
@@ -112,14 +116,14 @@ def test_newest_target_wins_when_the_same_prompt_is_edited_again(make_editor):
 
 
 def test_within_one_batch_the_later_edit_of_a_prompt_wins(make_editor):
-    editor = make_editor("gpt2", learnable=True)
+    editor = make_editor("gpt2", learnable=True, key_source="hidden")
     result = editor.apply_batch([Edit("old", FACTS[0][0], " Lyon"), Edit("new", FACTS[0][0], " Nice")])
     assert result.forgotten == ["old"] and result.learned == {"old": False, "new": True}
     assert editor.generate([FACTS[0][0]], max_new_tokens=6) == [" Nice"]
 
 
 def test_two_threads_generating_at_once_each_get_their_own_routing(make_editor):
-    editor = make_editor("gpt2", learnable=True)
+    editor = make_editor("gpt2", learnable=True, key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0])])
     editor.apply_batch([Edit("b", *FACTS[1])])
     edited, plain = [FACTS[0][0], FACTS[1][0]], [UNRELATED[0], UNRELATED[1]]
@@ -142,7 +146,7 @@ def test_two_threads_generating_at_once_each_get_their_own_routing(make_editor):
 
 
 def test_routing_state_does_not_leak_out_of_a_call(make_editor):
-    editor = make_editor("llama")
+    editor = make_editor("llama", key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0])])
     editor.generate([FACTS[0][0]], max_new_tokens=2)
     assert current_state() is None
@@ -157,7 +161,7 @@ def test_a_second_editor_on_a_serving_model_runs_no_probe_forward(make_editor):
     a probe forward whose temporary hooks would see other threads' requests."""
     from melo_runtime import MeloEditor
 
-    first = make_editor("gpt2")
+    first = make_editor("gpt2", key_source="hidden")
     forwards = []
     handle = first.model.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
     try:

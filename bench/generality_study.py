@@ -1,0 +1,119 @@
+"""Generality study: which key and which training rows let an edit hold under rewording, on SmolLM2.
+
+Each variant replays the same development edits (batches of 10) through its own MeloEditor over one
+shared SmolLM2-135M-Instruct and reports, after the last batch (greedy decoding everywhere):
+
+* ``es``: rewrite exact match on the edit prompts;
+* ``gen``: exact match on the held-out rephrases (never shown to the editor);
+* ``gen_routed``: the share of held-out rephrases routed to their own edit's block;
+* ``chat``: the held-out rephrase asked as a chat user message (no ``Q: ... A:`` wrapper): the reply
+  contains the target;
+* ``loc`` / ``chat_loc``: locality probes (NQ questions; CounterFact neighbourhood prompts) whose
+  greedy output is unchanged from the unedited model, as prompts and as chat messages;
+* ``train_s``: seconds spent in apply_batch.
+
+Variants: ``paper`` (the former preset: hidden-state key, prompt rows only), ``scope`` (scope key,
+prompt rows only), ``scope+chat`` (and chat-form rows), ``scope+chat+prefix`` (and context prefixes).
+
+    python -m bench.generality_study --dataset zsre --n-edits 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench import datasets
+from bench.quality import exact_match
+from melo_runtime import MeloConfig, MeloEditor
+from melo_runtime.backbones import load_backbone
+from melo_runtime.chat import question_of
+from melo_runtime.config import SCOPE_PRESET
+from melo_runtime.edits import Edit
+
+VARIANTS = {
+    "paper": {"key_source": "hidden", "key_encoder": "", "train_chat_form": False, "train_context_prefixes": 0},
+    "scope": {**SCOPE_PRESET, "train_chat_form": False, "train_context_prefixes": 0},
+    "scope+chat": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
+    "scope+chat+prefix": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 4},
+}
+
+
+def chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question_of(question)}]
+
+
+def contains(reply: str, target: str) -> bool:
+    return target.strip().casefold() in reply.casefold()
+
+
+def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], base_chat_loc: list[str]) -> dict:
+    cases = stream.cases
+    prompts = [c.prompt for c in cases]
+    rephrases = [c.rephrases[0] for c in cases]
+    targets = [c.target for c in cases]
+    es = editor.generate(prompts, 12)
+    gen = editor.generate(rephrases, 12)
+    routes = editor.route(rephrases)
+    own = editor.route(prompts)
+    chats = editor.generate([chat(r) for r in rephrases], 16)
+    loc = editor.generate([p.prompt for p in stream.locality], 8)
+    chat_loc = editor.generate([chat(p.prompt) for p in stream.locality], 8)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "es": mean([exact_match(g, t) for g, t in zip(es, targets)]),
+        "gen": mean([exact_match(g, t) for g, t in zip(gen, targets)]),
+        "gen_routed": mean([r is not None and o is not None and r.block == o.block and r.cluster == o.cluster
+                            for r, o in zip(routes, own)]),
+        "chat": mean([contains(g, t) for g, t in zip(chats, targets)]),
+        "loc": mean([a == b for a, b in zip(loc, base_loc)]),
+        "chat_loc": mean([a == b for a, b in zip(chat_loc, base_chat_loc)]),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.generality_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("zsre", "counterfact"), default="zsre")
+    parser.add_argument("--n-edits", type=int, default=50)
+    parser.add_argument("--n-locality", type=int, default=50)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_backbone("smollm2-135m")
+    if args.dataset == "zsre":
+        stream = datasets.zsre_stream(args.data_dir, args.n_edits, args.n_locality)
+    else:
+        stream = datasets.counterfact_stream(args.data_dir, args.n_edits)
+        stream.locality = stream.locality[: args.n_locality]
+    preset = MeloConfig.for_model(model)
+    print("| variant | es | gen | gen_routed | chat | loc | chat_loc | train_s |")
+    print("|---|---|---|---|---|---|---|---|")
+    base_loc = base_chat_loc = None
+    for name in args.variants.split(","):
+        config = dataclasses.replace(preset, **VARIANTS[name])
+        if name == "paper":
+            config = dataclasses.replace(config, r_init=MeloConfig.for_model(model, key_source="hidden").r_init)
+        editor = MeloEditor(model, tokenizer, config)
+        if base_loc is None:
+            base_loc = editor.generate([p.prompt for p in stream.locality], 8)
+            base_chat_loc = editor.generate([chat(p.prompt) for p in stream.locality], 8)
+        started = time.perf_counter()
+        for start in range(0, len(stream.cases), 10):
+            batch = stream.cases[start : start + 10]
+            editor.apply_batch([Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in batch])
+        seconds = time.perf_counter() - started
+        r = evaluate(editor, stream, base_loc, base_chat_loc)
+        print(f"| {name} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['chat']:.3f} | "
+              f"{r['loc']:.3f} | {r['chat_loc']:.3f} | {seconds:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Chat messages as model input, and the question a chat or a prompt asks.
+
+An edit is made on a prompt ("Q: Who wrote X? A:", "The mother tongue of X is"); users ask the
+edited model through its chat template. Routing reads the question alone (the last user message),
+never the template around it, and blocks are also trained on the edit asked in chat form, so an
+edit fires however it is asked (docs/generality.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+# A question wrapped for a base LM ("Q: ... A:", "Question: ... Answer:") asks the same as its core.
+_QA_WRAPPER = re.compile(r"^\s*(?:q|question)\s*:\s*(?P<core>.*?)\s*(?:a|answer)\s*:\s*$", re.IGNORECASE | re.DOTALL)
+
+
+class Rendered(str):
+    """Text that already carries the model's special tokens (a rendered chat template).
+
+    The text encoder tokenizes it without adding special tokens of its own.
+    """
+
+
+def question_of(prompt: str) -> str:
+    """The question a prompt asks, without a ``Q: ... A:`` wrapper (the prompt itself otherwise)."""
+    match = _QA_WRAPPER.match(prompt)
+    return match.group("core").strip() if match else prompt.strip()
+
+
+def check_messages(messages: object, where: str) -> list[dict[str, str]]:
+    """``messages`` as a list of {role, content}; ValueError naming what is wrong.
+
+    The conversation must end with a user message (that is the question routing reads).
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of chat messages, got {type(messages).__name__}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{where}[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"{where}[{i}].role={role!r} must be one of {ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}[{i}].content must be a string, got {type(content).__name__}")
+        checked.append({"role": str(role), "content": content})
+    if checked[-1]["role"] != "user":
+        raise ValueError(f"{where} must end with a user message (the question to answer)")
+    return checked
+
+
+def user_question(messages: Sequence[Mapping[str, str]]) -> str:
+    """The text routing reads: the content of the last user message."""
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer can render chat messages."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> Rendered:
+    """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            "this model's tokenizer has no chat template; send prompts as plain text, or use a chat model"
+        )
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return Rendered(text)
