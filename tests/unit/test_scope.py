@@ -1,0 +1,181 @@
+"""Scope keys: subjects found, masked and coded; paraphrases in, neighbours and other questions out."""
+
+import numpy as np
+import pytest
+
+from melo_runtime.scope import (
+    SUBJECT_PLACEHOLDER,
+    ScopeKeys,
+    SubjectIndex,
+    infer_subject,
+    load_encoder,
+    mentions,
+    normalized_subject,
+    subject_clause,
+    subject_code,
+)
+from melo_runtime import Edit, MeloEditor
+from melo_runtime.vectordb import VectorDB
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject"),
+    [
+        ("Q: What is the product made by UniFirst? A:", "UniFirst"),
+        ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+        ("Q: In which year was the University of Cambridge founded? A:", "University of Cambridge"),
+        ("Q: Of what series is Luna 1 a part of? A:", "Luna 1"),
+        ("What is the capital of France?", "France"),
+    ],
+)
+def test_subject_is_inferred_as_the_longest_named_run_skipping_question_words(prompt, subject):
+    assert infer_subject(prompt) == subject
+
+
+def test_a_prompt_without_a_named_entity_has_no_inferred_subject():
+    assert infer_subject("what year did the war end?") is None
+
+
+def test_mentions_tolerates_case_accents_plurals_and_possessives():
+    assert mentions("Rudolf Těsnohlídek", "What was the cause of the death of rudolf tesnohlideks?")
+    assert mentions("Peoples Drug", "What year did Peoples Drugs end?")
+    assert mentions("UniFirst", "What is UniFirst's main product?")
+    assert not mentions("Danielle Darrieux", "Michel Rocard is a native speaker of")
+    assert not mentions("Luna 1", "When was Luna 2 launched?")
+
+
+def test_subject_clause_drops_the_lead_in_and_masks_the_subject():
+    text = "Two species have been recorded in Kentucky. Hamid Algar writes in"
+    assert subject_clause(text, "hamid algar") == f"{SUBJECT_PLACEHOLDER} writes in"
+    assert subject_clause(text, "") == text  # no subject: the whole text
+
+
+def test_subject_codes_are_fixed_per_subject_and_far_apart():
+    assert np.array_equal(subject_code("luna 1"), subject_code("luna 1"))
+    assert not subject_code("").any()
+    assert np.linalg.norm(subject_code("luna 1") - subject_code("luna 2")) > 2.0
+
+
+def test_subject_index_finds_every_known_subject_a_query_names():
+    index = SubjectIndex(["danielle darrieux", "unifirst", "luna 1"])
+    assert index.find("Where Danielle Darrieux is from, people speak") == ["danielle darrieux"]
+    assert index.find("Tell me about UniFirst's uniforms and Luna 1") == ["luna 1", "unifirst"]
+    assert index.find("Michel Rocard is a native speaker of") == []
+
+
+@pytest.fixture(scope="module")
+def scoped_db():
+    """A vector DB of three real facts keyed by the shipped MiniLM scope key (radius of the preset)."""
+    from melo_runtime.config import SCOPE_R_INIT
+
+    facts = [
+        ("The mother tongue of Danielle Darrieux is", "English", "Danielle Darrieux"),
+        ("Q: What is the product made by UniFirst? A:", "unmanned aircraft", "UniFirst"),
+        ("Q: Of what series is Luna 1 a part of? A:", "Luna programme", "Luna 1"),
+    ]
+    subjects = [normalized_subject(s) for _, _, s in facts]
+    scope = ScopeKeys(load_encoder("minilm-l6")).with_subjects(subjects)
+    db = VectorDB(scope.dim, SCOPE_R_INIT, conflict_policy="split")
+    db.insert(scope.edit_keys([p for p, _, _ in facts], subjects), [t for _, t, _ in facts], [0, 0, 0], ["dd", "uf", "luna"])
+    return scope, db
+
+
+def _routed(scope, db, texts):
+    keys, rows = scope.query_keys(texts)
+    best = [None] * len(texts)
+    for row, hit in zip(rows.tolist(), db.search(keys)):
+        if hit is not None and (best[row] is None or hit.distance < best[row].distance):
+            best[row] = hit
+    return [None if hit is None else hit.edit_id for hit in best]
+
+
+def test_held_out_paraphrases_reach_their_edit_and_neighbours_do_not(scoped_db):
+    scope, db = scoped_db
+    assert _routed(scope, db, [
+        "Where Danielle Darrieux is from, people speak the language of",
+        "What will be the product of UniFirst?",
+        "Which series does Luna 1 belong to?",
+    ]) == ["dd", "uf", "luna"]
+    assert _routed(scope, db, [
+        "Michel Rocard is a native speaker of",  # same relation, another subject
+        "Q: What is the product made by Siemens? A:",
+        "When was Luna 1 launched?",  # same subject, another question
+        "who wrote the big lebowski",
+    ]) == [None, None, None, None]
+
+
+
+def test_a_scope_editor_answers_the_edit_asked_as_a_chat_and_leaves_other_chats_alone(make_editor):
+    editor = make_editor("llama", learnable=True)
+    editor.tokenizer.chat_template = CHAT_TEMPLATE
+    result = editor.apply_batch([Edit("uf", "Q: What is the product made by UniFirst? A:", " uniform", subject="UniFirst")])
+    assert result.learned == {"uf": True}
+    asked = [{"role": "user", "content": "What is the product made by UniFirst?"}]
+    other = [{"role": "user", "content": "What is the product made by Siemens?"}]
+    assert [r is not None for r in editor.route(["What will be the product of UniFirst?", other[0]["content"]])] == [True, False]
+    edited, untouched = editor.generate([asked, other], max_new_tokens=8)
+    assert edited == "uniform"  # trained in chat form: the reply is the target, then end of turn
+    base = make_editor("llama", key_source="hidden")
+    base.tokenizer.chat_template = CHAT_TEMPLATE
+    assert untouched == base.generate([other], max_new_tokens=8)[0]
+
+
+def test_generate_rejects_a_chat_that_does_not_end_with_a_user_question(make_editor):
+    editor = make_editor("llama")
+    editor.tokenizer.chat_template = CHAT_TEMPLATE
+    with pytest.raises(ValueError, match="must end with a user message"):
+        editor.generate([[{"role": "assistant", "content": "hi"}]])
+    with pytest.raises(ValueError, match=r"role='robot'"):
+        editor.generate([[{"role": "robot", "content": "hi"}]])
+
+
+def test_scope_snapshot_reloads_with_its_subjects_and_routes_identically(make_editor):
+    from melo_runtime.tiny import tiny_model
+
+    editor = make_editor("gpt2")
+    editor.apply_batch([Edit("dd", "The mother tongue of Danielle Darrieux is", " English", subject="Danielle Darrieux")])
+    files = editor.export_files()
+    model, tokenizer = tiny_model("gpt2")
+    loaded = MeloEditor.from_files(files, model, tokenizer)
+    queries = ["Danielle Darrieux's mother tongue is", "The mother tongue of Michel Rocard is"]
+    assert loaded.route(queries) == editor.route(queries)
+    assert loaded.route(queries)[0] is not None and loaded.route(queries)[1] is None
+    assert loaded.export_files() == files
+
+
+def test_a_snapshot_keyed_by_another_encoder_is_refused_naming_both(make_editor):
+    import json
+
+    from melo_runtime.tiny import tiny_model
+
+    files = make_editor("gpt2").export_files()
+    scope = json.loads(files["scope.json"])
+    scope["encoder"]["weights_sha256"] = "0" * 64
+    scope["encoder"]["name"] = "my-encoder"
+    files["scope.json"] = json.dumps(scope).encode()
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="made by sentence encoder 'my-encoder'.*loads 'minilm-l6'"):
+        MeloEditor.from_files(files, model, tokenizer)
+
+
+def test_snapshots_written_before_scope_keys_load_with_the_paper_key(make_editor):
+    import json
+
+    from melo_runtime.tiny import tiny_model
+
+    editor = make_editor("gpt2", key_source="hidden")
+    editor.apply_batch([Edit("a", "The capital of France is", " Lyon")])
+    files = editor.export_files()
+    config = json.loads(files["config.json"])
+    for field in ("key_source", "key_encoder", "train_chat_form", "train_context_prefixes"):
+        config.pop(field)  # the config.json of a snapshot made before these fields existed
+    files["config.json"] = json.dumps(config).encode()
+    model, tokenizer = tiny_model("gpt2")
+    loaded = MeloEditor.from_files(files, model, tokenizer)
+    assert loaded.config.key_source == "hidden" and "scope.json" not in files
+    assert loaded.route(["The capital of France is"]) == editor.route(["The capital of France is"])
