@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench import datasets
+from melo_eval import datasets
 from melo_runtime import Edit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from bench import datasets
+from melo_eval import datasets
 from bench.perf_common import environment, markdown_table, write_report, zsre_edits
 from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import MeloConfig, MeloEditor

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.baselines.hooked import HookedMethod, linear_shape
-from bench.baselines.replay import frozen_prefix, layers_below
-from bench.datasets import EditCase
+from melo_eval.baselines.hooked import HookedMethod, linear_shape
+from melo_eval.baselines.replay import frozen_prefix, layers_below
+from melo_eval.datasets import EditCase
 
 
 class LoraAdapter(nn.Module):

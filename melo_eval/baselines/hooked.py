@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from bench import lm
+from melo_eval import lm
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

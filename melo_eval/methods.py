@@ -4,7 +4,7 @@ Every method takes edit batches and answers ``score`` / ``generate`` / ``classif
 ``perplexity`` / ``stats``. ``melo`` is our editor (melo_runtime.MeloEditor); ``melo-paper`` is the
 same algorithm run as published: 50 iterations every batch (no early stop) with the full forward
 pass recomputed on every iteration (no prefix cache); ``lora`` and ``grace`` are
-the baselines in bench/baselines/.
+the baselines in melo_eval/baselines/.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 
 from torch import nn
 
-from bench.datasets import EditCase
+from melo_eval.datasets import EditCase
 
 METHODS = ("melo", "melo-paper", "lora", "grace")
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bench import datasets
-from bench.datasets import split_sentences
+from melo_eval import datasets
+from melo_eval.datasets import split_sentences
 
 pytestmark = pytest.mark.skipif(
     not datasets.DEFAULT_DATA_DIR.is_dir(), reason="shared/data is not beside the checkout"

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import datasets
-from bench.lm import chunks
+from melo_eval import datasets
+from melo_eval.lm import chunks
 
 
 @torch.no_grad()

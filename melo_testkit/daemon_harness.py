@@ -1,4 +1,4 @@
-"""Helpers for the daemon integration tests: configs, event streams, subprocess daemons, checks.
+"""Daemon processes for integration tests and benchmarks: configs, event streams, subprocess daemons, checks.
 
 A test describes one deployment with :class:`Deployment` (Kafka + Redis, or the embedded spool +
 local records), feeds it events, runs the daemon (in this process, or as a subprocess where kill -9
@@ -23,9 +23,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from daemon.settings import Settings
 from daemon.snapshot_store_fs import FsSnapshotStore
-from tests.services import create_topics, wait_until
+from melo_testkit.services import create_topics, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_mend_train-1k.json"
 MODEL = "it-model"
 TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")

@@ -280,7 +280,7 @@ def truncate_label_shift(data: LabelShiftData, tokenizer, max_tokens: int) -> La
 
     SCOTUS case facts run to 1,000+ tokens; MiniLM's position table holds 512 and the editor's
     ``max_length_tokens`` (256) bounds what it will index. The base head is fitted on the same first
-    256 tokens (bench.classifier), so truncating the stream keeps editor and classifier on one input.
+    256 tokens (melo_eval.classifier), so truncating the stream keeps editor and classifier on one input.
     """
 
     def cut(text: str) -> str:

@@ -24,9 +24,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from bench.baselines.hooked import HookedMethod, linear_shape
-from bench.baselines.replay import frozen_prefix, layers_below
-from bench.datasets import EditCase
+from melo_eval.baselines.hooked import HookedMethod, linear_shape
+from melo_eval.baselines.replay import frozen_prefix, layers_below
+from melo_eval.datasets import EditCase
 
 
 def normalize_label(text: str) -> str:

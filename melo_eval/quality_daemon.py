@@ -5,9 +5,9 @@
    real Kafka-protocol broker *before* the writer starts. From that backlog the writer forms full
    micro-batches of ``--batch-size`` (``batch.max_size``), as the in-process replay does; only the
    last batch is partial, flushed when the writer reaches the end of the topic.
-2. The writer is the one ``melo run`` runs (bench/daemon_run.py): Redis records and lease,
+2. The writer is the one ``melo run`` runs (melo_eval/daemon_run.py): Redis records and lease,
    filesystem snapshots, receipts and announcements on Kafka. It trains with the MeloConfig the
-   in-process run would use (``bench.quality.melo_config`` with the overrides) on the same backbone,
+   in-process run would use (``melo_eval.quality.melo_config`` with the overrides) on the same backbone,
    until it is idle.
 3. Every event must be accounted for: one receipt on the results topic (applied, rejected or
    duplicate), and the applied ids must agree with the published manifests and with the Redis
@@ -38,8 +38,8 @@ import torch
 from kafka import KafkaProducer
 from tqdm import tqdm
 
-from bench import quality
-from bench.daemon_run import (
+from melo_eval import quality
+from melo_eval.daemon_run import (
     TOPIC_ROLES,
     RunningWriter,
     Services,
@@ -49,8 +49,8 @@ from bench.daemon_run import (
     read_topic,
     writer_settings,
 )
-from bench.datasets import EditCase, Stream
-from bench.methods import MeloMethod
+from melo_eval.datasets import EditCase, Stream
+from melo_eval.methods import MeloMethod
 
 GENERATION_STREAMS = ("zsre", "counterfact", "hallucination")
 # Every event is produced before the writer starts, so no batch should wait: a partial batch is
@@ -66,7 +66,7 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
     if args.dataset not in GENERATION_STREAMS:
         raise SystemExit(
             f"--daemon replays generation streams only ({', '.join(GENERATION_STREAMS)}), not {args.dataset!r}: "
-            "a label-shift stream needs the classifier head the benchmark trains (bench.classifier), which the "
+            "a label-shift stream needs the classifier head the benchmark trains (melo_eval.classifier), which the "
             "daemon cannot load; run it without --daemon"
         )
     if args.method != "melo":
@@ -119,7 +119,7 @@ def _train_seconds_total(run: str) -> float:
 def run_writer(stream: Stream, config: Any, args: argparse.Namespace, backbone: str, services: Services) -> PipelineRun:
     """Produce the stream, run the writer until idle, and check that every event is accounted for."""
     from daemon.worker import build_worker
-    from tests.services import create_topics
+    from melo_testkit.services import create_topics
 
     run = f"eval-{stream.name}"
     n_batches = -(-len(stream.cases) // args.batch_size)
@@ -292,7 +292,7 @@ def pipeline_report(pipeline: PipelineRun) -> dict[str, Any]:
     sustained = (applied - len(versions[0][1])) / (versions[-1][2] - versions[0][2]) if len(versions) > 1 else None
     return {
         "model": pipeline.run,
-        "services": "Tansu Kafka-protocol broker + Redis on loopback (tests.services), filesystem snapshots",
+        "services": "Tansu Kafka-protocol broker + Redis on loopback (melo_testkit.services), filesystem snapshots",
         "batch_max_size": settings.batch.max_size,
         "batches_formed": [len(ids) for _, ids, _ in versions],
         "versions": [

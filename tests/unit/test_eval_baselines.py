@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bench import lm
-from bench.baselines.grace import GraceCodebook
-from bench.baselines.lora import SequentialLora
-from bench.datasets import EditCase
+from melo_eval import lm
+from melo_eval.baselines.grace import GraceCodebook
+from melo_eval.baselines.lora import SequentialLora
+from melo_eval.datasets import EditCase
 from melo_runtime.tiny import tiny_model
 
 EDITS = [EditCase("a", "Q: capital of France? A:", " Paris"), EditCase("b", "Q: who wrote Hamlet? A:", " Shakespeare")]

@@ -1,9 +1,9 @@
 """The real writer as ``melo run`` wires it, run inside a benchmark on local services.
 
 ``daemon.worker.build_worker`` + the scheduler's jobs, reading a real Kafka-protocol broker (Tansu)
-and writing a real Redis, both started on loopback by ``tests.services``, with a filesystem
+and writing a real Redis, both started on loopback by ``melo_testkit.services``, with a filesystem
 snapshot store in a temporary directory. bench/perf_daemon.py times the pipeline with it;
-bench/quality_daemon.py replays a quality stream through it.
+melo_eval/quality_daemon.py replays a quality stream through it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from daemon.scheduler import start_scheduler
 from daemon.settings import Settings
 from daemon.snapshots import Manifest
 from daemon.worker import EXIT_OK, Worker
-from tests.services import FAST_GROUP_CONSUMER, KafkaBroker, RedisServer
+from melo_testkit.services import FAST_GROUP_CONSUMER, KafkaBroker, RedisServer
 
 TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")
 STOP_TIMEOUT_S = 30.0

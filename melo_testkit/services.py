@@ -1,4 +1,4 @@
-"""Real local services for tests: a Redis server and a Kafka-protocol broker on loopback.
+"""Real local services for tests and benchmarks: a Redis server and a Kafka-protocol broker on loopback.
 
 Both run as child processes on free 127.0.0.1 ports, are waited for with a deadline (polling, never a
 fixed sleep) and are stopped by PID. Every process started here is also registered for an atexit

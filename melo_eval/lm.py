@@ -1,6 +1,6 @@
 """Teacher-forced scoring, perplexity and greedy generation on a Hugging Face model.
 
-The baselines (bench/baselines/) edit a plain HF model through forward hooks, so they need the
+The baselines (melo_eval/baselines/) edit a plain HF model through forward hooks, so they need the
 same measurements the MELO editor provides (``score`` / ``generate``); these helpers are those
 measurements, written once. Conventions match melo_runtime: a target is tokenized separately
 from its prompt and appended to it, the loss and the accuracy cover target tokens only.

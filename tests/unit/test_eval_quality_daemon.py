@@ -1,4 +1,4 @@
-"""`melo eval --daemon` (bench/quality_daemon.py): refusals, checkpoint choice, and an end-to-end
+"""`melo eval --daemon` (melo_eval/quality_daemon.py): refusals, checkpoint choice, and an end-to-end
 replay through a real broker, Redis and snapshot store that must score exactly like the in-process one."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bench import quality
-from bench.quality_daemon import checkpoints
+from melo_eval import cli
+from melo_eval.quality_daemon import checkpoints
 
 IDS = [f"e{i}" for i in range(7)]
 TIMING = {"train_seconds", "eval_seconds"}
@@ -27,7 +27,7 @@ def _versions(*batches: list[str]) -> list[tuple[int, tuple[str, ...], float]]:
 def test_daemon_mode_refuses_what_the_daemon_cannot_train(dataset, method, message, tmp_path):
     argv = ["--daemon", "--dataset", dataset, "--method", method, "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match=message):
-        quality.main(argv)
+        cli.main(argv)
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -56,8 +56,8 @@ def test_checkpoints_refuse_versions_that_are_not_the_stream_in_order(versions, 
 def test_daemon_replay_scores_each_published_version_exactly_like_the_in_process_replay(tmp_path):
     common = ["--backbone", "tiny-llama", "--n-edits", "6", "--batch-size", "3", "--every", "3",
               "--n-locality", "5", "--threads", "1"]
-    assert quality.main([*common, "--out", str(tmp_path / "inproc")]) == 0
-    assert quality.main([*common, "--daemon", "--out", str(tmp_path / "daemon")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "inproc")]) == 0
+    assert cli.main([*common, "--daemon", "--out", str(tmp_path / "daemon")]) == 0
     inproc = json.loads((tmp_path / "inproc" / "metrics.json").read_text())
     daemon = json.loads((tmp_path / "daemon" / "metrics.json").read_text())
 

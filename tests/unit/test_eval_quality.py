@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from bench import lm, quality
-from bench.baselines.lora import SequentialLora
-from bench.baselines.replay import frozen_prefix, layers_below
-from bench.datasets import EditCase, Probe, Stream
+from melo_eval import cli, lm, quality
+from melo_eval.baselines.lora import SequentialLora
+from melo_eval.baselines.replay import frozen_prefix, layers_below
+from melo_eval.datasets import EditCase, Probe, Stream
 from melo_runtime.tiny import tiny_model
 
 TARGETS = ["model.layers.4.mlp.down_proj", "model.layers.5.mlp.down_proj"]
@@ -52,7 +52,7 @@ def test_replay_reports_base_row_then_every_k_edits_and_the_end(tmp_path):
     base, last = rows
     assert base["loc_em"] == 1.0  # before any edit the model is the base model
     assert last["es_tf"] > 0.5 and last["gen_tf"] is not None
-    args = quality.parse_args(["--method", "lora", "--out", str(tmp_path)])
+    args = cli.parse_args(["--method", "lora", "--out", str(tmp_path)])
     quality.write_report(tmp_path, args, stream, rows, {"backbone": "tiny-llama"})
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["rows"][-1]["n_edits"] == 4
@@ -68,9 +68,9 @@ def test_markdown_table_shows_only_columns_with_values():
 
 def test_melo_overrides_reach_the_editor_config():
     model, _ = tiny_model("llama")
-    args = quality.parse_args(["--conflict-policy", "split", "--max-length-tokens", "512", "--r-init", "2.5",
+    args = cli.parse_args(["--conflict-policy", "split", "--max-length-tokens", "512", "--r-init", "2.5",
                                "--batch-size", "7"])
     config = quality.melo_config(model, "generate", args)
     assert (config.conflict_policy, config.max_length_tokens, config.r_init, config.edits_per_block) == (
         "split", 512, 2.5, 7)
-    assert quality.melo_config(model, "generate", quality.parse_args([])).conflict_policy == "forget"
+    assert quality.melo_config(model, "generate", cli.parse_args([])).conflict_policy == "forget"
