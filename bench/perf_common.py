@@ -105,13 +105,6 @@ def zsre_edits(count: int, data_dir: Path = datasets.DEFAULT_DATA_DIR, *, offset
     return [Edit(case.edit_id, case.prompt, case.target) for case in stream.cases[offset:]]
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_report(out: Path, name: str, report: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """Write ``<out>/<name>.json`` (the full report) and ``<out>/<name>.md``; return both paths."""
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ from melo_eval.daemon_run import (
     local_services,
     writer_settings,
 )
-from bench.perf_common import environment, latency_summary, markdown_table, write_report, zsre_edits
+from bench.perf_common import environment, latency_summary, write_report, zsre_edits
+from melo_eval.tables import markdown_table
 from daemon.settings import Settings
 from daemon.worker import BackboneEditors, build_worker
 from melo_runtime import BatchResult, Edit, MeloConfig

@@ -60,7 +60,8 @@ from typing import Any
 import httpx
 from kafka import KafkaProducer
 
-from bench.perf_common import environment, latency_summary, markdown_table, write_report
+from bench.perf_common import environment, latency_summary, write_report
+from melo_eval.tables import markdown_table
 from daemon.settings import Settings
 from daemon.snapshot_store_fs import FsSnapshotStore
 from daemon.snapshots import Manifest

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from bench.perf_common import environment, markdown_table, write_report
+from bench.perf_common import environment, write_report
+from melo_eval.tables import markdown_table
 from melo_runtime.vectordb import VectorDB
 
 

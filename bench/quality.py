@@ -1,6 +1,6 @@
 """``python -m bench.quality ...``: the quality benchmark, i.e. ``melo eval ...`` (melo_eval/cli.py).
 
-Kept as a module of bench/ so the commands recorded in bench/RESULTS.md and bench/suite.py run as
+Kept as a module of bench/ so the commands recorded in bench/RESULTS.md run as
 written; the evaluation itself lives in the melo_eval package.
 """
 

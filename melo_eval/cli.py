@@ -20,8 +20,8 @@ from melo_eval.quality import (
     Evaluator,
     build_method,
     build_stream,
-    markdown_table,
     melo_config,
+    quality_table,
     replay,
     write_report,
 )
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluator = Evaluator(stream, tokenizer, generation=not args.no_generation)
     rows = replay(method, stream, evaluator, args.batch_size, args.every)
     write_report(args.out, args, stream, rows, extra)
-    print(markdown_table(rows))
+    print(quality_table(rows))
     print(f"wrote {args.out}/metrics.json, table.md, quality.png")
     return 0
 

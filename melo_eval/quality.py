@@ -38,6 +38,7 @@ from tqdm import tqdm
 from melo_eval import datasets
 from melo_eval.datasets import EditCase, Stream
 from melo_eval.methods import EditMethod
+from melo_eval.tables import markdown_table
 
 STREAMS = ("zsre", "counterfact", "hallucination", "scotus", "huffpost")
 
@@ -255,17 +256,11 @@ COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "loc_tf", "loc_em", 
            "es_ppl", "err_ppl", "arr_ppl", "loc_ppl", "clusters", "conflicts", "forgotten", "train_seconds")
 
 
-def markdown_table(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
-    """The rows as a markdown table with only the ``columns`` that have values."""
+def quality_table(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
+    """The rows as a markdown table with only the ``columns`` that have values (floats to 3 decimals)."""
     columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[f"{r[c]:.3f}" if isinstance(r.get(c), float) else r.get(c) for c in columns] for r in rows]
+    return markdown_table(columns, cells) + "\n"
 
 
 def write_report(
@@ -286,5 +281,5 @@ def write_report(
         **extra,
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "table.md").write_text(markdown_table(rows, columns), encoding="utf-8")
+    (out / "table.md").write_text(quality_table(rows, columns), encoding="utf-8")
     plot_quality(rows, out, title=f"{args.method} on {stream.name}")

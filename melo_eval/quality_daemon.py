@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
         rows = score_versions(pipeline, stream, evaluator, model, tokenizer, args.every)
     extra = {"backbone": backbone, "melo_config": config.to_dict(), "pipeline": pipeline_report(pipeline)}
     quality.write_report(args.out, args, stream, rows, extra, columns=COLUMNS)
-    print(quality.markdown_table(rows, COLUMNS))
+    print(quality.quality_table(rows, COLUMNS))
     print(json.dumps({k: v for k, v in extra["pipeline"].items() if k != "versions"}))
     print(f"wrote {args.out}/metrics.json, table.md, quality.png")
     return 0

@@ -60,8 +60,8 @@ def test_replay_reports_base_row_then_every_k_edits_and_the_end(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
-def test_markdown_table_shows_only_columns_with_values():
-    table = quality.markdown_table([{"n_edits": 0, "es_tf": None, "loc_em": 1.0}, {"n_edits": 10, "es_tf": 0.5}])
+def test_quality_table_shows_only_columns_with_values():
+    table = quality.quality_table([{"n_edits": 0, "es_tf": None, "loc_em": 1.0}, {"n_edits": 10, "es_tf": 0.5}])
     assert table.splitlines()[0] == "| n_edits | es_tf | loc_em |"
     assert "| 10 | 0.500 |  |" in table
 
