@@ -17,16 +17,15 @@ from melo_runtime.vectordb import state as persisted
 from melo_runtime.vectordb.algebra import (
     CONFLICT_POLICIES,
     SAME_INPUT_TOLERANCE,
-    Cluster,
     Group,
     Pool,
     check_keys,
     distances,
-    mean,
     plan_split,
     regroup,
 )
 from melo_runtime.vectordb.centres import EXACT_SEARCH_MAX_CLUSTERS, CentreIndex
+from melo_runtime.vectordb.store import ClusterStore
 
 
 @dataclass(frozen=True)
@@ -95,30 +94,20 @@ class VectorDB:
         self.ef_search = int(ef_search)
         self.seed = int(seed)
         self.conflict_policy = conflict_policy
-        self._clusters: dict[int, Cluster] = {}
-        self._next_id = 0
-        self._index = CentreIndex(
+        index = CentreIndex(
             self.dim, hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search,
             seed=self.seed, exact_search_max_clusters=int(exact_search_max_clusters),
         )
-        self._edit_clusters: dict[str, dict[int, int]] = {}  # edit id -> {cluster id: member count}
-        self._conflicts_total = 0
-        self._forgotten_total = 0
-        self._retracted_total = 0
-        # Block -> every key inserted with that block, in order. Arrays are never written in place
-        # (an append makes a new array), so copies of the database may share them.
-        self._segments: dict[int, np.ndarray] = {}
-        self._segment_sha: dict[int, str] = {}  # block -> sha256 of its segment, computed once
-        self._mutations = 0  # insert/retract calls so far: numbers the graph log parts
+        self._store = ClusterStore(self.dim, index)
 
     @property
     def exact_search_max_clusters(self) -> int:
         """Up to this many clusters search scans every centre; above it, the HNSW graph is used."""
-        return self._index.exact_search_max_clusters
+        return self._store.index.exact_search_max_clusters
 
     @exact_search_max_clusters.setter
     def exact_search_max_clusters(self, value: int) -> None:
-        self._index.exact_search_max_clusters = int(value)
+        self._store.index.exact_search_max_clusters = int(value)
 
     # ----------------------------------------------------------------------------------- insert
 
@@ -148,8 +137,8 @@ class VectorDB:
         for label in labels:
             if not isinstance(label, str):
                 raise ValueError(f"labels must be strings (normalized targets), got {label!r}")
-        self._count_mutation()
-        rows = self._append_to_segments(keys, [int(b) for b in blocks])
+        self._store.count_mutation()
+        rows = self._store.append_to_segments(keys, [int(b) for b in blocks])
         report = InsertReport(actions=[], added=0, expanded=0, conflicts=0, forgotten=[])
         for key, label, block, row, edit_id in zip(keys, labels, blocks, rows, edit_ids):
             action = self._insert_one(key, label, int(block), row, edit_id, report.forgotten)
@@ -157,25 +146,10 @@ class VectorDB:
             report.added += action == "add"
             report.expanded += action == "expand"
             report.conflicts += action in ("conflict", "supersede")
-            self._index.maintain(sorted(self._clusters))
-        self._conflicts_total += report.conflicts
-        self._forgotten_total += len(report.forgotten)
+            self._store.maintain()
+        self._store.conflicts_total += report.conflicts
+        self._store.forgotten_total += len(report.forgotten)
         return report
-
-    def _count_mutation(self) -> None:
-        self._mutations += 1
-        self._index.seq = self._mutations
-
-    def _append_to_segments(self, keys: np.ndarray, blocks: list[int]) -> list[int]:
-        """Append each key to its block's segment; returns each key's row there."""
-        rows = []
-        for block in sorted(set(blocks)):
-            mine = [i for i, b in enumerate(blocks) if b == block]
-            old = self._segments.get(block, np.zeros((0, self.dim), np.float32))
-            self._segments[block] = np.concatenate([old, keys[mine]])
-            self._segment_sha.pop(block, None)
-            rows.extend(zip(mine, range(len(old), len(old) + len(mine))))
-        return [row for _, row in sorted(rows)]
 
     def _insert_one(
         self,
@@ -188,17 +162,17 @@ class VectorDB:
     ) -> str:
         nearest = self._nearest(key[None, :])[0]
         if nearest is None:
-            self._create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
+            self._store.create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
             return "add"
         cid, d = nearest
-        c = self._clusters[cid]
+        c = self._store.clusters[cid]
         if d > c.radius + self.r_init:
-            self._create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
+            self._store.create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
             return "add"
         if c.label == label:
             action = "join" if d <= c.radius else "expand"
-            self._append_member(cid, key, block, row, edit_id)
-            self._refit(cid)
+            self._store.append_member(cid, key, block, row, edit_id)
+            self._store.refit(cid)
             return action
         if d > c.radius:
             self._conflict(cid, key, label, block, row, edit_id, d, forgotten)
@@ -217,29 +191,29 @@ class VectorDB:
         d: float,
         forgotten: list[tuple[str, int]],
     ) -> None:
-        c = self._clusters[cid]
+        c = self._store.clusters[cid]
         half = d / 2.0
         c.radius = min(c.radius, half)
         c.floor = min(c.floor, c.radius)
-        outside = distances(self._index.centres[cid], c.keys) > c.radius
+        outside = distances(self._store.index.centres[cid], c.keys) > c.radius
         if outside.any() and c.centre_members is None:
             # The centre stays the mean of the members it had; remember them (see docstring).
             c.centre_members = list(zip(c.blocks, c.rows))
         if self.conflict_policy == "split" and outside.any():
             self._split(cid, outside, key)
         else:
-            self._remove_members(cid, outside, forgotten)
-        self._create(key[None, :], label, [block], [row], [edit_id], half, half)
+            self._store.remove_members(cid, outside, forgotten)
+        self._store.create(key[None, :], label, [block], [row], [edit_id], half, half)
 
     def _split(self, cid: int, moved: np.ndarray, key: np.ndarray) -> None:
         """Re-cluster the ``moved`` members of cluster ``cid`` as clusters halved against ``key`` and
         routing-checked, instead of forgetting them (docs/vectordb.md: ``split``)."""
-        c = self._clusters[cid]
+        c = self._store.clusters[cid]
         pool = Pool()  # the members the split places: C's moved ones first, then evicted ones
         for i in np.flatnonzero(moved).tolist():
             pool.add(c.keys[i], c.blocks[i], c.rows[i], c.edit_ids[i], c.label, c.floor)
         n_moved = len(pool.blocks)
-        self._remove_members(cid, moved, [])
+        self._store.remove_members(cid, moved, [])
         singles: set[int] = set()  # pool members that must be single-member clusters
         while True:
             plan = plan_split(pool, n_moved, singles, key)
@@ -255,7 +229,7 @@ class VectorDB:
                     # Taken by a single-member cluster: only a centre on its own key is sure to keep it.
                     singles.add(self._evict(owner, block, row, pool))
         for g in plan:
-            self._create(
+            self._store.create(
                 pool.keys[g.members],
                 pool.labels[g.members[0]],
                 [pool.blocks[i] for i in g.members],
@@ -265,34 +239,17 @@ class VectorDB:
                 g.floor,
             )
 
-    def _plan_split(self, pool: Pool, n_moved: int, singles: set[int], key: np.ndarray) -> list[Group]:
-        """Steps 1, 2 and 4 of ``split``: the clusters that would be created, in creation order."""
-        floor = pool.floors[0]  # C's: every moved member came from C
-        groups = regroup(pool.keys, [i for i in range(n_moved) if i not in singles], floor)
-        groups += [Group(centre=pool.keys[i].copy(), radius=0.0, members=[i]) for i in sorted(singles)]
-        plan = []
-        for g in sorted(groups, key=lambda g: g.members[0]):
-            spread = float(distances(g.centre, pool.keys[g.members]).max())
-            if spread > float(distances(key, g.centre[None, :])[0]) / 2.0:
-                plan += [Group(centre=pool.keys[i].copy(), radius=0.0, members=[i]) for i in g.members]
-            else:
-                plan.append(g)
-        for g in plan:
-            g.floor = min(pool.floors[g.members[0]], float(distances(key, g.centre[None, :])[0]) / 2.0)
-            g.radius = max(float(distances(g.centre, pool.keys[g.members]).max()), g.floor)
-        return plan
-
     def _check_split(
         self, pool: Pool, plan: list[Group], key: np.ndarray
     ) -> tuple[set[int], dict[tuple[int, int, int], int]]:
         """Step 3 of ``split``: the planned groups that a member of theirs would not route to, and the
         live members ``(cluster id, block, row)`` that a planned cluster would take (-> its index)."""
+        clusters = self._store.clusters
         planned = np.stack([g.centre for g in plan])
-        live = [(cid, m) for cid in self._clusters_near(planned) for m in range(len(self._clusters[cid].blocks))]
+        live = [(cid, m) for cid in self._store.clusters_near(planned) for m in range(len(clusters[cid].blocks))]
         owner = {i: j for j, g in enumerate(plan) for i in g.members if len(g.members) > 1}
         queries = np.concatenate(
-            [pool.keys[sorted(owner)].reshape(-1, self.dim)]
-            + [self._clusters[i].keys[m][None, :] for i, m in live]
+            [pool.keys[sorted(owner)].reshape(-1, self.dim)] + [clusters[i].keys[m][None, :] for i, m in live]
         )
         if not len(queries):
             return set(), {}
@@ -312,33 +269,22 @@ class VectorDB:
         taken = {}
         for n, (i, m) in enumerate(live, start=len(owner)):
             if wins[n]:
-                c = self._clusters[i]
+                c = self._store.clusters[i]
                 taken[(i, c.blocks[m], c.rows[m])] = int(nearest[n])
         return broken, taken
-
-    def _clusters_near(self, points: np.ndarray) -> list[int]:
-        """Ids of the clusters whose members a new centre at one of ``points`` could take.
-
-        A member is taken only by a centre nearer than the one it routes to now, which is at most
-        its cluster's radius away, so the centre lies within twice that radius of the cluster's.
-        """
-        radii = np.zeros(self._next_id)
-        for cid, c in self._clusters.items():
-            radii[cid] = c.radius
-        return self._index.near(points, radii)
 
     def _evict(self, cid: int, block: int, row: int, pool: Pool) -> int:
         """Move member ``(block, row)`` out of cluster ``cid`` into ``pool``; returns its pool index.
 
         The cluster's centre stays (as after a conflict), so its other members route as before.
         """
-        c = self._clusters[cid]
+        c = self._store.clusters[cid]
         mask = np.array([(b, r) == (block, row) for b, r in zip(c.blocks, c.rows)])
         m = int(np.flatnonzero(mask)[0])
         pool.add(c.keys[m], block, row, c.edit_ids[m], c.label, c.floor)
         if c.centre_members is None:
             c.centre_members = list(zip(c.blocks, c.rows))
-        self._remove_members(cid, mask, [])
+        self._store.remove_members(cid, mask, [])
         return len(pool.blocks) - 1
 
     def _supersede(
@@ -351,11 +297,11 @@ class VectorDB:
         edit_id: str,
         forgotten: list[tuple[str, int]],
     ) -> None:
-        c = self._clusters[cid]
+        c = self._store.clusters[cid]
         if self.conflict_policy == "split":
             same_input = distances(key, c.keys) <= SAME_INPUT_TOLERANCE * self.r_init
-            if self._remove_members(cid, same_input, forgotten):
-                self._split(cid, np.ones(len(self._clusters[cid].blocks), dtype=bool), key)
+            if self._store.remove_members(cid, same_input, forgotten):
+                self._split(cid, np.ones(len(self._store.clusters[cid].blocks), dtype=bool), key)
         else:
             superseded = distances(key, c.keys) <= self.r_init
             forgotten.extend(
@@ -363,9 +309,9 @@ class VectorDB:
             )
             survivors = np.flatnonzero(~superseded).tolist()
             groups = regroup(c.keys, survivors, c.floor)
-            self._drop_cluster(cid)
+            self._store.drop(cid)
             for g in groups:
-                self._create(
+                self._store.create(
                     c.keys[g.members],
                     c.label,
                     [c.blocks[i] for i in g.members],
@@ -374,8 +320,7 @@ class VectorDB:
                     g.radius,
                     c.floor,
                 )
-        self._create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
-
+        self._store.create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
 
     # ---------------------------------------------------------------------------------- retract
 
@@ -385,17 +330,17 @@ class VectorDB:
         Returns the number of members removed (0 for an unknown or already retracted edit). The
         keys stay in their segments (immutable), unreferenced.
         """
-        self._count_mutation()
-        clusters = sorted(self._edit_clusters.get(edit_id, {}))
+        self._store.count_mutation()
+        clusters = sorted(self._store.edit_clusters.get(edit_id, {}))
         removed = 0
         for cid in clusters:
-            mask = np.array([e == edit_id for e in self._clusters[cid].edit_ids])
+            mask = np.array([e == edit_id for e in self._store.clusters[cid].edit_ids])
             removed += int(mask.sum())
-            if self._remove_members(cid, mask, []):
-                self._refit(cid)
-        self._index.maintain(sorted(self._clusters))
+            if self._store.remove_members(cid, mask, []):
+                self._store.refit(cid)
+        self._store.maintain()
         if removed:
-            self._retracted_total += 1
+            self._store.retracted_total += 1
         return removed
 
     # ----------------------------------------------------------------------------------- search
@@ -409,7 +354,7 @@ class VectorDB:
                 hits.append(None)
                 continue
             cid, d = cid_d
-            c = self._clusters[cid]
+            c = self._store.clusters[cid]
             if d > c.radius:
                 hits.append(None)
                 continue
@@ -422,115 +367,28 @@ class VectorDB:
 
     def _nearest(self, queries: np.ndarray) -> list[tuple[int, float] | None]:
         """Nearest live cluster and its exact distance per query row (None: no clusters)."""
-        return self._index.nearest(queries, len(self._clusters), self._next_id)
+        return self._store.nearest(queries)
 
     # ------------------------------------------------------------------------------ bookkeeping
 
     def edit_ids(self) -> set[str]:
         """Edits with at least one member left (not forgotten, not retracted)."""
-        return set(self._edit_clusters)
+        return set(self._store.edit_clusters)
 
     def stats(self) -> dict[str, int]:
         """Sizes and lifetime counters."""
-        return {
-            "clusters": len(self._clusters),
-            "members": sum(len(c.blocks) for c in self._clusters.values()),
-            "conflicts_total": self._conflicts_total,
-            "forgotten_total": self._forgotten_total,
-            "retracted_total": self._retracted_total,
-        }
-
+        return self._store.stats()
 
     def clusters(self) -> list[dict[str, Any]]:
         """Every cluster in id order: its record (as in ``to_state``) plus ``centre`` and member ``keys``.
 
         For inspection and tests; the arrays are copies.
         """
+        store = self._store
         return [
-            {**persisted.record(self, cid), "centre": self._index.centres[cid].copy(), "keys": self._clusters[cid].keys.copy()}
-            for cid in sorted(self._clusters)
+            {**persisted.record(store, cid), "centre": store.index.centres[cid].copy(), "keys": c.keys.copy()}
+            for cid, c in sorted(store.clusters.items())
         ]
-
-    def _create(
-        self,
-        keys: np.ndarray,
-        label: str,
-        blocks: list[int],
-        rows: list[int],
-        edit_ids: list[str],
-        radius: float,
-        floor: float,
-    ) -> int:
-        cid = self._next_id
-        self._next_id += 1
-        self._clusters[cid] = Cluster(
-            radius=float(radius),
-            floor=float(floor),
-            label=label,
-            keys=np.array(keys, dtype=np.float32, copy=True),
-            blocks=list(blocks),
-            rows=list(rows),
-            edit_ids=list(edit_ids),
-        )
-        for e in edit_ids:
-            counts = self._edit_clusters.setdefault(e, {})
-            counts[cid] = counts.get(cid, 0) + 1
-        self._index.reserve(cid + 1)
-        self._index.set(cid, mean(keys))
-        return cid
-
-    def _append_member(self, cid: int, key: np.ndarray, block: int, row: int, edit_id: str) -> None:
-        c = self._clusters[cid]
-        c.keys = np.concatenate([c.keys, key[None, :]])
-        c.blocks.append(block)
-        c.rows.append(row)
-        c.edit_ids.append(edit_id)
-        counts = self._edit_clusters.setdefault(edit_id, {})
-        counts[cid] = counts.get(cid, 0) + 1
-
-    def _remove_members(
-        self, cid: int, mask: np.ndarray, forgotten: list[tuple[str, int]]
-    ) -> bool:
-        """Remove the members where ``mask`` is true (recorded in ``forgotten``).
-
-        Drops the cluster if it is left empty; returns whether it still exists.
-        """
-        c = self._clusters[cid]
-        gone = np.flatnonzero(mask).tolist()
-        for i in gone:
-            forgotten.append((c.edit_ids[i], c.blocks[i]))
-            self._uncount(c.edit_ids[i], cid)
-        if len(gone) == len(c.blocks):
-            self._drop_cluster(cid, uncount=False)
-            return False
-        keep = np.flatnonzero(~mask).tolist()
-        c.keys = c.keys[keep]
-        c.blocks = [c.blocks[i] for i in keep]
-        c.rows = [c.rows[i] for i in keep]
-        c.edit_ids = [c.edit_ids[i] for i in keep]
-        return True
-
-    def _uncount(self, edit_id: str, cid: int) -> None:
-        counts = self._edit_clusters[edit_id]
-        counts[cid] -= 1
-        if counts[cid] == 0:
-            del counts[cid]
-            if not counts:
-                del self._edit_clusters[edit_id]
-
-    def _drop_cluster(self, cid: int, *, uncount: bool = True) -> None:
-        c = self._clusters.pop(cid)
-        if uncount:
-            for e in c.edit_ids:
-                self._uncount(e, cid)
-        self._index.remove(cid)
-
-    def _refit(self, cid: int) -> None:
-        c = self._clusters[cid]
-        centre = mean(c.keys)
-        c.radius = max(float(distances(centre, c.keys).max()), c.floor)
-        c.centre_members = None
-        self._index.set(cid, centre)
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -548,7 +406,20 @@ class VectorDB:
         ``exact_search_max_clusters`` clusters) and ``include_index`` is true; without them
         ``from_state`` rebuilds the graph, which can then differ on HNSW misses.
         """
-        return persisted.to_state(self, include_index=include_index)
+        return persisted.to_state(self._params(), self._store, include_index=include_index)
+
+    def _params(self) -> dict[str, Any]:
+        """The constructor's arguments, as the state records them."""
+        return {
+            "dim": self.dim,
+            "r_init": self.r_init,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "seed": self.seed,
+            "exact_search_max_clusters": self.exact_search_max_clusters,
+            "conflict_policy": self.conflict_policy,
+        }
 
     def copy(self) -> VectorDB:
         """An independent database that routes, and evolves, exactly like this one.
@@ -556,9 +427,15 @@ class VectorDB:
         Made through the persisted state (less the checksums of its own segments), so it is exactly
         what a loader of this database's snapshot would build.
         """
-        return persisted.from_state(type(self), *self.to_state(), verify=False)
+        return self._from_state(*self.to_state(), verify=False)
 
     @classmethod
     def from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> VectorDB:
         """Rebuild a database written by ``to_state``; validates shapes, checksums and counts."""
-        return persisted.from_state(cls, state, arrays, verify=True)
+        return cls._from_state(state, arrays, verify=True)
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], *, verify: bool) -> VectorDB:
+        db = cls(**persisted.params(state))
+        persisted.load(db._store, state, arrays, verify=verify)
+        return db

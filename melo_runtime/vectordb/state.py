@@ -7,14 +7,12 @@ base plus a log. ``melo_runtime/serialization.py`` writes these into an editor's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from melo_runtime.vectordb.algebra import Cluster, mean, sha256
-
-if TYPE_CHECKING:
-    from melo_runtime.vectordb.db import VectorDB
+from melo_runtime.vectordb.store import ClusterStore
 
 STATE_FORMAT = "melo.vectordb/2"
 
@@ -24,39 +22,37 @@ def segment_name(block: int) -> str:
     return f"keys/{block:06d}/keys"
 
 
-def to_state(db: VectorDB, *, include_index: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``db`` as a JSON-able dict and named arrays (``VectorDB.to_state`` documents the names)."""
+def to_state(
+    params: dict[str, Any], store: ClusterStore, *, include_index: bool = True
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A database (its constructor ``params`` and its ``store``) as a JSON-able dict and named arrays.
+
+    ``VectorDB.to_state`` documents the array names.
+    """
     state: dict[str, Any] = {
         "format": STATE_FORMAT,
-        "dim": db.dim,
-        "r_init": db.r_init,
-        "hnsw_m": db.hnsw_m,
-        "ef_construction": db.ef_construction,
-        "ef_search": db.ef_search,
-        "seed": db.seed,
-        "exact_search_max_clusters": db.exact_search_max_clusters,
-        "conflict_policy": db.conflict_policy,
-        "next_cluster_id": db._next_id,
-        "conflicts_total": db._conflicts_total,
-        "forgotten_total": db._forgotten_total,
-        "retracted_total": db._retracted_total,
-        "mutations": db._mutations,
+        **params,
+        "next_cluster_id": store.next_id,
+        "conflicts_total": store.conflicts_total,
+        "forgotten_total": store.forgotten_total,
+        "retracted_total": store.retracted_total,
+        "mutations": store.mutations,
         "segments": [
-            {"block": block, "rows": len(keys), "sha256": _segment_digest(db, block)}
-            for block, keys in sorted(db._segments.items())
+            {"block": block, "rows": len(keys), "sha256": store.segment_digest(block)}
+            for block, keys in sorted(store.segments.items())
         ],
-        **db._index.state(),
-        "clusters": [record(db, cid) for cid in sorted(db._clusters)],
+        **store.index.state(),
+        "clusters": [record(store, cid) for cid in sorted(store.clusters)],
     }
-    arrays = {segment_name(block): keys for block, keys in sorted(db._segments.items())}
+    arrays = {segment_name(block): keys for block, keys in sorted(store.segments.items())}
     if include_index:
-        arrays.update(db._index.arrays())
+        arrays.update(store.index.arrays())
     return state, arrays
 
 
-def record(db: VectorDB, cid: int) -> dict[str, Any]:
+def record(store: ClusterStore, cid: int) -> dict[str, Any]:
     """Cluster ``cid``'s record in the state: label, radius, floor and member references."""
-    c = db._clusters[cid]
+    c = store.clusters[cid]
     out: dict[str, Any] = {
         "id": cid,
         "label": c.label,
@@ -68,56 +64,53 @@ def record(db: VectorDB, cid: int) -> dict[str, Any]:
     }
     if c.centre_members is not None:
         out["centre_members"] = [[block, row] for block, row in c.centre_members]
-    if db._index.graph is not None:
-        out["graph_label"] = db._index.graph_labels[cid]
+    if store.index.graph is not None:
+        out["graph_label"] = store.index.graph_labels[cid]
     return out
 
 
-def _segment_digest(db: VectorDB, block: int) -> str:
-    if block not in db._segment_sha:
-        db._segment_sha[block] = sha256(db._segments[block])
-    return db._segment_sha[block]
-
-
-def from_state(cls: type[VectorDB], state: dict[str, Any], arrays: dict[str, np.ndarray], *, verify: bool) -> VectorDB:
-    """Rebuild a database written by :func:`to_state`; ``verify`` checks segment checksums too."""
+def params(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``VectorDB`` constructor arguments a state was written with; ValueError for another format."""
     if state.get("format") != STATE_FORMAT:
         raise ValueError(
             f"unknown vector DB state format {state.get('format')!r}; this runtime reads {STATE_FORMAT!r} "
             "(an older format must be re-created by re-applying its edits)"
         )
-    db = cls(
-        state["dim"],
-        state["r_init"],
-        hnsw_m=state["hnsw_m"],
-        ef_construction=state["ef_construction"],
-        ef_search=state["ef_search"],
-        seed=state["seed"],
-        exact_search_max_clusters=state["exact_search_max_clusters"],
+    return {
+        "dim": state["dim"],
+        "r_init": state["r_init"],
+        "hnsw_m": state["hnsw_m"],
+        "ef_construction": state["ef_construction"],
+        "ef_search": state["ef_search"],
+        "seed": state["seed"],
+        "exact_search_max_clusters": state["exact_search_max_clusters"],
         # States written before the policy existed were all made by the paper's rule.
-        conflict_policy=state.get("conflict_policy", "forget"),
-    )
-    db._segments = _segments_from(db.dim, state["segments"], arrays, verify=verify)
-    db._segment_sha = {int(r["block"]): r["sha256"] for r in state["segments"]}
-    db._next_id = int(state["next_cluster_id"])
-    db._index.reserve(db._next_id)
-    for cluster in state["clusters"]:
-        _restore_cluster(db, cluster)
-    db._conflicts_total = int(state["conflicts_total"])
-    db._forgotten_total = int(state["forgotten_total"])
-    db._retracted_total = int(state["retracted_total"])
-    db._mutations = int(state["mutations"])
-    db._index.seq = db._mutations
+        "conflict_policy": state.get("conflict_policy", "forget"),
+    }
+
+
+def load(store: ClusterStore, state: dict[str, Any], arrays: dict[str, np.ndarray], *, verify: bool) -> None:
+    """Fill an empty ``store`` from a state written by :func:`to_state`; ``verify`` checks checksums too."""
+    store.segments = _segments_from(store.dim, state["segments"], arrays, verify=verify)
+    store.segment_sha = {int(r["block"]): r["sha256"] for r in state["segments"]}
+    store.next_id = int(state["next_cluster_id"])
+    store.index.reserve(store.next_id)
+    for entry in state["clusters"]:
+        _restore_cluster(store, entry)
+    store.conflicts_total = int(state["conflicts_total"])
+    store.forgotten_total = int(state["forgotten_total"])
+    store.retracted_total = int(state["retracted_total"])
+    store.mutations = int(state["mutations"])
+    store.index.seq = store.mutations
     graph_arrays = {name: a for name, a in arrays.items() if name.startswith("graph/")}
     if state["graph"] and graph_arrays:
-        db._index.load_graph(state, graph_arrays)
+        store.index.load_graph(state, graph_arrays)
     elif graph_arrays:
         raise ValueError(
             f"arrays do not match the state: graph arrays {sorted(graph_arrays)[:3]} for a state without a graph"
         )
     else:
-        db._index.maintain(sorted(db._clusters))  # a saved graph left out: build it as the live database would
-    return db
+        store.maintain()  # a saved graph left out: build it as the live database would
 
 
 def _segments_from(
@@ -146,25 +139,25 @@ def _segments_from(
     return segments
 
 
-def _member_keys(db: VectorDB, refs: list[tuple[int, int]], cid: int) -> np.ndarray:
+def _member_keys(store: ClusterStore, refs: list[tuple[int, int]], cid: int) -> np.ndarray:
     for block, row in refs:
-        if block not in db._segments or not 0 <= row < len(db._segments[block]):
+        if block not in store.segments or not 0 <= row < len(store.segments[block]):
             raise ValueError(f"cluster {cid} refers to key (block {block}, row {row}), which no segment holds")
-    return np.stack([db._segments[block][row] for block, row in refs])
+    return np.stack([store.segments[block][row] for block, row in refs])
 
 
-def _restore_cluster(db: VectorDB, entry: dict[str, Any]) -> None:
+def _restore_cluster(store: ClusterStore, entry: dict[str, Any]) -> None:
     cid = int(entry["id"])
     blocks, rows = [int(b) for b in entry["blocks"]], [int(r) for r in entry["rows"]]
     m = len(blocks)
     ragged = not len(rows) == len(entry["edit_ids"]) == m
-    if not 0 <= cid < db._next_id or cid in db._clusters or m == 0 or ragged:
+    if not 0 <= cid < store.next_id or cid in store.clusters or m == 0 or ragged:
         raise ValueError(f"invalid cluster record {cid}: bad id, duplicate, empty or ragged members")
-    keys = _member_keys(db, list(zip(blocks, rows)), cid)
+    keys = _member_keys(store, list(zip(blocks, rows)), cid)
     centre_members = entry.get("centre_members")
     if centre_members is not None:
         centre_members = [(int(b), int(r)) for b, r in centre_members]
-    db._clusters[cid] = Cluster(
+    store.clusters[cid] = Cluster(
         radius=float(entry["radius"]),
         floor=float(entry["floor"]),
         label=entry["label"],
@@ -174,7 +167,5 @@ def _restore_cluster(db: VectorDB, entry: dict[str, Any]) -> None:
         edit_ids=list(entry["edit_ids"]),
         centre_members=centre_members,
     )
-    for e in entry["edit_ids"]:
-        counts = db._edit_clusters.setdefault(e, {})
-        counts[cid] = counts.get(cid, 0) + 1
-    db._index.restore(cid, mean(keys if centre_members is None else _member_keys(db, centre_members, cid)))
+    store.count_members(cid, list(entry["edit_ids"]))
+    store.index.restore(cid, mean(keys if centre_members is None else _member_keys(store, centre_members, cid)))
