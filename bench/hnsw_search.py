@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from melo_eval.tables import markdown_table
 from melo_runtime.vectordb import STATE_FORMAT, VectorDB, segment_name
 
 
@@ -164,12 +165,9 @@ def crossover(dims: list[int], sizes: list[int], seed: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table, columns in the first row's order, floats to 4 significant digits."""
     cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(cols, [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows])
 
 
 def minilm_keys(texts: list[str], batch: int = 128) -> np.ndarray:
