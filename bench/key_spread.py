@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from bench import datasets
+from melo_eval import datasets
+from melo_eval.tables import markdown_table
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -138,23 +139,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"key_spread_{stream.name}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    table = markdown_table(results)
+    table = results_table(results)
     (args.out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(table)
     return 0
 
 
-def markdown_table(results: list[dict]) -> str:
+def results_table(results: list[dict]) -> str:
     """One row per (dataset, key module, radius, conflict policy)."""
-    lines = ["| dataset | key module | R_init (fraction x median) | conflict policy | route_es | route_gen | "
-             "route_loc | clusters | conflicts | forgotten |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['dataset']} | {r['key_module']} | {r['radius']:.2f} ({r['fraction']} x "
-                     f"{r['calibration_median']:.1f}) | {r['conflict_policy']} | {r['route_es']:.3f} | "
-                     f"{r['route_gen']:.3f} | {r['route_loc']:.3f} | {r['clusters']} | {r['conflicts']} | "
-                     f"{r['forgotten']} |")
-    return "\n".join(lines) + "\n"
+    header = ["dataset", "key module", "R_init (fraction x median)", "conflict policy", "route_es", "route_gen",
+              "route_loc", "clusters", "conflicts", "forgotten"]
+    rows = [[r["dataset"], r["key_module"], f"{r['radius']:.2f} ({r['fraction']} x {r['calibration_median']:.1f})",
+             r["conflict_policy"], f"{r['route_es']:.3f}", f"{r['route_gen']:.3f}", f"{r['route_loc']:.3f}",
+             r["clusters"], r["conflicts"], r["forgotten"]] for r in results]
+    return markdown_table(header, rows) + "\n"
 
 
 if __name__ == "__main__":

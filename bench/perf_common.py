@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench import datasets
+from melo_eval import datasets
 from melo_runtime import Edit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +103,6 @@ def zsre_edits(count: int, data_dir: Path = datasets.DEFAULT_DATA_DIR, *, offset
     """
     stream = datasets.zsre_stream(data_dir, n_edits=offset + count, n_locality=0)
     return [Edit(case.edit_id, case.prompt, case.target, subject=case.subject) for case in stream.cases[offset:]]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_report(out: Path, name: str, report: dict[str, Any], markdown: str) -> tuple[Path, Path]:

@@ -4,7 +4,7 @@
 
 The whole writer runs as ``melo run`` wires it (``daemon.worker.build_worker`` + the scheduler):
 a real Kafka-protocol broker (Tansu) and a real Redis, both started on loopback by
-``tests.services``, a filesystem snapshot store, receipts and announcements on Kafka. For each
+``melo_testkit.services``, a filesystem snapshot store, receipts and announcements on Kafka. For each
 trainer and micro-batch size B (``batch.max_size``), on fresh topics and a fresh model namespace:
 
 1. **Sustained throughput** -- a backlog of ``max(--edits, --min-batches * B)`` real zsRE edit
@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from kafka import KafkaProducer
 
-from bench import datasets
-from bench.daemon_run import (
+from melo_eval import datasets
+from melo_eval.daemon_run import (
     TOPIC_ROLES,
     RunningWriter,
     Services,
@@ -47,11 +47,12 @@ from bench.daemon_run import (
     local_services,
     writer_settings,
 )
-from bench.perf_common import environment, latency_summary, markdown_table, write_report, zsre_edits
+from bench.perf_common import environment, latency_summary, write_report, zsre_edits
+from melo_eval.tables import markdown_table
 from daemon.settings import Settings
 from daemon.worker import BackboneEditors, build_worker
 from melo_runtime import BatchResult, Edit, MeloConfig
-from tests.services import create_topics, wait_until
+from melo_testkit.services import create_topics, wait_until
 
 TRAINERS = ("melo", "noop")
 DRAIN_TIMEOUT_S = 600.0

@@ -39,8 +39,9 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from bench import datasets
-from bench.perf_common import environment, markdown_table, write_report, zsre_edits
+from melo_eval import datasets
+from bench.perf_common import environment, write_report, zsre_edits
+from melo_eval.tables import markdown_table
 from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone

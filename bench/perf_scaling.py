@@ -3,13 +3,13 @@
     python -m bench.perf_scaling --models 3 --writers 2 --replicas 2 --edits-per-model 100
 
 DESIGN.md §7 as docs/scaling.md lays it out, run as separate processes on 127.0.0.1: one Tansu
-Kafka-protocol broker and one Redis (``tests.services``), one filesystem snapshot root, and per model
+Kafka-protocol broker and one Redis (``melo_testkit.services``), one filesystem snapshot root, and per model
 ``--writers`` writer daemons (``melo run``: one holds the model's Redis lease, the others stand by)
 plus ``--replicas`` serving processes (``melo serve``, following CURRENT). Each model has its own
 consumer group (the default ``melo-writer-<model>``) as the docs require; every model uses the
 ``tiny-gpt2`` backbone (``backbone`` in its settings), so the run measures the system, not a model.
 
-Daemons are forked from the integration harness's fork server (``tests/integration/daemon_harness``):
+Daemons are forked from the integration harness's fork server (``melo_testkit/daemon_harness``):
 each is its own process calling ``daemon.cli.main(["run" | "serve", ...])`` with its own settings and
 PID, killed with a real SIGKILL; the fork server only spares each start the torch import.
 
@@ -60,13 +60,14 @@ from typing import Any
 import httpx
 from kafka import KafkaProducer
 
-from bench.perf_common import environment, latency_summary, markdown_table, write_report
+from bench.perf_common import environment, latency_summary, write_report
+from melo_eval.tables import markdown_table
 from daemon.settings import Settings
 from daemon.snapshot_store_fs import FsSnapshotStore
 from daemon.snapshots import Manifest
 from daemon.worker import build_records
-from tests.integration.daemon_harness import DaemonProcess, zsre_events
-from tests.services import KafkaBroker, RedisServer, create_topics, free_port, wait_until
+from melo_testkit.daemon_harness import DaemonProcess, zsre_events
+from melo_testkit.services import KafkaBroker, RedisServer, create_topics, free_port, wait_until
 
 TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")
 KEYED_ROLES = ("edits", "control")  # keyed by model; the same partition count keeps them ordered together

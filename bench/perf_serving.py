@@ -40,13 +40,14 @@ import httpx
 import torch
 from tqdm import tqdm
 
-from bench import datasets
-from bench.perf_common import REPO_ROOT, environment, latency_summary, markdown_table, write_report, zsre_edits
+from melo_eval import datasets
+from bench.perf_common import REPO_ROOT, environment, latency_summary, write_report, zsre_edits
+from melo_eval.tables import markdown_table
 from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_runtime.pretrained import backbone_fingerprint
-from tests.services import free_port, wait_until
+from melo_testkit.services import free_port, wait_until
 
 BASE_MODEL, EDITED_MODEL = "perf-base", "perf-edited"
 SERVER_START_TIMEOUT_S = 180.0  # a cold SmolLM2 load on a busy 2-core machine

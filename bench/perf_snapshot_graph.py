@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from bench.perf_common import environment, markdown_table, write_report
+from bench.perf_common import environment, write_report
+from melo_eval.tables import markdown_table
 from melo_runtime.vectordb import VectorDB
 
 
@@ -61,7 +62,8 @@ def state_files(db: VectorDB) -> dict[str, bytes]:
 def previous_layout_bytes(db: VectorDB) -> int:
     """Bytes of melo.editor/1's keys.safetensors for this DB: members + centres + graph, all float32."""
     stats = db.stats()
-    graph = len(db._index_bytes()) if db._index is not None else 0  # noqa: SLF001 (measurement only)
+    index = db._store.index  # noqa: SLF001 (measurement only)
+    graph = len(index.graph_bytes()) if index.graph is not None else 0
     return (stats["members"] + stats["clusters"]) * db.dim * 4 + graph
 
 
@@ -93,7 +95,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 {
                     "version": block + 1,
                     "clusters": clusters,
-                    "graph": db._index is not None,  # noqa: SLF001 (measurement only)
+                    "graph": db._store.index.graph is not None,  # noqa: SLF001 (measurement only)
                     "new_bytes": sum(len(files[n]) for n in new),
                     "new_graph_bytes": sum(len(files[n]) for n in new if n.startswith("graph/")),
                     "index_json_bytes": len(files["index.json"]),

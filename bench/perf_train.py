@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench import datasets
+from melo_eval import datasets
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -39,7 +39,7 @@ class Run:
 def _quality(name: str, dataset: str, method: str, n: int, every: int, n_locality: int, *extra: str) -> Run:
     args = ("--dataset", dataset, "--method", method, "--n-edits", str(n), "--every", str(every),
             "--n-locality", str(n_locality), *SMALL, *extra)
-    return Run(f"quality-{name}", "bench.quality", args)
+    return Run(f"quality-{name}", "melo_eval.cli", args)
 
 
 RUNS: tuple[Run, ...] = (

@@ -7,7 +7,7 @@
     melo rollback --to N --reason R           new version with N's content
     melo retract EDIT_ID --reason R           new version without that edit
     melo serve ...                            HTTP serving (daemon/server.py)
-    melo eval ...                             quality benchmark (bench/quality.py; from a repository checkout)
+    melo eval ...                             quality evaluation (melo_eval/cli.py)
 
 ``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
 control event (Kafka control topic, or the spool's control directory) that the running daemon
@@ -382,7 +382,7 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     retract.set_defaults(func=cmd_retract)
 
     # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
-    evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py; run from the repository)", add_help=False)
+    evaluate = sub.add_parser("eval", help="quality evaluation (melo_eval/cli.py)", add_help=False)
     evaluate.add_argument("rest", nargs=argparse.REMAINDER)
     evaluate.set_defaults(func=cmd_eval)
 
@@ -392,24 +392,14 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Hand the arguments to the quality benchmark, ``bench.quality.main`` (``melo eval --help``).
+    """Hand the arguments to the quality evaluation, ``melo_eval.cli.main`` (``melo eval --help``).
 
-    ``bench/`` is part of the repository, not of the installed package: it is found beside this
-    package (an editable install or a checkout) or in the working directory.
+    The one import up the layers: the command line is where the packages are put together, and
+    ``melo_eval`` (which runs the daemon for ``--daemon``) is imported only for this command.
     """
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / "bench" / "quality.py").is_file() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-            break
-    try:
-        from bench import quality
-    except ModuleNotFoundError as error:
-        if error.name not in ("bench", "bench.quality"):
-            raise  # a dependency of the benchmark is missing: its own message says which
-        _say("melo eval: the benchmarks (bench/) ship with the repository, not with the installed package: "
-             "run `melo eval` from the root of a melo checkout (or `python -m bench.quality` there)")
-        return 2
-    return int(quality.main(args.rest) or 0)
+    from melo_eval.cli import main as evaluate
+
+    return int(evaluate(args.rest) or 0)
 
 
 def _register_optional(sub: Any) -> None:

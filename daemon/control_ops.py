@@ -3,18 +3,15 @@
 The writer of a model (``daemon.worker.Worker``, holding the record-store lease) is the only process
 that publishes versions; :meth:`Worker.rollback` and :meth:`Worker.retract` do the work. Other
 processes never write the snapshot store themselves -- two publishers would race for version n+1
-and the record store would drift from CURRENT. So a request reaches the writer one of two ways:
+and the record store would drift from CURRENT. So a request reaches the writer as a control event:
+:class:`ChannelControl` sends it (``schemas/control.v1.json``) on the control channel the writer
+consumes -- the Kafka control topic keyed by model, or the spool's control directory in the
+embedded setup -- then waits for the manifest carrying the request id. Published within ``wait_s``
+→ ``published`` with the new version; otherwise ``accepted`` (HTTP 202): the writer applies it when
+it gets to it, in stream order with the edits, and the request id finds the result later in
+``GET /v1/versions``.
 
-- :class:`WorkerControl` -- the server runs inside the writer's process: call the worker's
-  methods directly (they take the worker's loop lock).
-- :class:`ChannelControl` -- any other process (a serving replica): send a control event
-  (``schemas/control.v1.json``) on the control channel the writer consumes -- the Kafka control
-  topic keyed by model, or the spool's control directory in the embedded setup -- then wait for
-  the manifest carrying the request id. Published within ``wait_s`` → ``published`` with the new
-  version; otherwise ``accepted`` (HTTP 202): the writer applies it when it gets to it, in stream
-  order with the edits, and the request id finds the result later in ``GET /v1/versions``.
-
-Both check the request against the store first (the version exists; the edit is reachable in
+It checks the request against the store first (the version exists; the edit is reachable in
 CURRENT), so a mistake is a 404 now rather than a dead letter later.
 """
 
@@ -33,8 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from daemon.settings import Settings, TopicsSettings
-from daemon.worker import MONITOR_REASON_PREFIX
-from schemas.events import ControlEvent
+from schemas.events import MONITOR_REASON_PREFIX, ControlEvent
 
 if TYPE_CHECKING:  # serving_state imports torch; the CLI sends control events without it
     from daemon.serving_state import VersionHistory
@@ -87,35 +83,6 @@ def _check_retract(history: VersionHistory, edit_id: str) -> None:
     current = history.current()
     if current is None or edit_id not in history.reachable(current):
         raise ControlError(404, f"edit {edit_id!r} is not reachable in the current version {current}: nothing to retract")
-
-
-class WorkerControl:
-    """Control through a :class:`daemon.worker.Worker` running in this process."""
-
-    def __init__(self, worker: Any, history: VersionHistory) -> None:
-        """``worker`` must be started (it holds the writer lease)."""
-        self.worker = worker
-        self.history = history
-
-    def rollback(self, to_version: int, reason: str, *, request_id: str | None = None, trigger: str = "manual") -> ControlResult:
-        """Roll back now on the writer (``trigger="monitor"`` counts it as automatic)."""
-        _check_rollback(self.history, to_version)
-        request_id = request_id or new_request_id()
-        try:
-            manifest = self.worker.rollback(to_version, reason, request_id=request_id, monitor=trigger == "monitor")
-        except ValueError as exc:
-            raise ControlError(409, str(exc)) from exc
-        return ControlResult(request_id=request_id, status="published", version=manifest.version, via="worker")
-
-    def retract(self, edit_id: str, reason: str, *, request_id: str | None = None) -> ControlResult:
-        """Retract now on the writer."""
-        _check_retract(self.history, edit_id)
-        request_id = request_id or new_request_id()
-        try:
-            manifest = self.worker.retract(edit_id, reason, request_id=request_id)
-        except ValueError as exc:
-            raise ControlError(409, str(exc)) from exc
-        return ControlResult(request_id=request_id, status="published", version=manifest.version, via="worker")
 
 
 class SendControl(Protocol):

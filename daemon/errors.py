@@ -37,7 +37,3 @@ class Fenced(DaemonError):
 
 class VersionMoved(DaemonError):
     """The record store's version is not the one this writer expected: reload state before committing."""
-
-
-class LeaseNotHeld(DaemonError):
-    """An operation that needs the writer lease was attempted without holding it."""

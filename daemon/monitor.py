@@ -55,8 +55,6 @@ from schemas.events import EditEvent
 
 log = logging.getLogger(__name__)
 
-PROBE_SETS = ("locality", "edits", "canaries")
-
 # Rollback callback: (to_version, reason) -> the new version number (None if only queued). It
 # must count melo_rollbacks_total{reason="monitor"} (Worker.rollback(..., monitor=True) does).
 Rollback = Callable[[int, str], int | None]

@@ -31,8 +31,6 @@ from daemon.errors import Fenced, RecordStoreUnavailable, VersionMoved
 from daemon.records import Lease, encode_clusters
 from schemas import MODEL_NAME
 
-_CHUNK = 1000  # Lua's unpack() has a stack limit of a few thousand values
-
 _ACQUIRE = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return false end

@@ -79,13 +79,3 @@ class EventSource(Protocol):
     def close(self) -> None:
         """Release connections and files. Commits nothing."""
         ...
-
-
-def merge_offsets(base: Offsets, newer: Offsets) -> Offsets:
-    """Return ``base`` updated with every position in ``newer`` (positions only move forward)."""
-    merged = {topic: dict(parts) for topic, parts in base.items()}
-    for topic, parts in newer.items():
-        target = merged.setdefault(topic, {})
-        for partition, offset in parts.items():
-            target[partition] = max(offset, target.get(partition, 0))
-    return merged

@@ -51,7 +51,7 @@ from daemon.recovery import (
 )
 from daemon.sources import EventSource, Offsets, SourceRecord
 from schemas import InvalidEvent, Limits, parse_control, parse_edit
-from schemas.events import ControlEvent, EditEvent
+from schemas.events import MONITOR_REASON_PREFIX, ControlEvent, EditEvent
 
 if TYPE_CHECKING:
     from daemon.settings import Settings
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("melo.worker")
 
 EXIT_OK = 0
-# Reasons of rollbacks the monitor asked for start with this (counted as reason="monitor").
-MONITOR_REASON_PREFIX = "monitor:"
 EXIT_LEASE_LOST = 3
 EXIT_BACKEND_DOWN = 4
 

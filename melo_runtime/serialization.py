@@ -16,7 +16,7 @@ Every file but config.json and index.json is written once and never changes afte
 tensors and keys are fixed when its batch is applied; forgetting and retracting drop references,
 not rows), so a store that content-addresses files keeps one copy of each, and a version costs new
 bytes in proportion to its batch plus the index. Centres are recomputed from the keys at load and
-the graph is replayed from its base, exactly as the live editor built them (see vectordb.py).
+the graph is replayed from its base, exactly as the live editor built them (see docs/vectordb.md).
 """
 
 from __future__ import annotations

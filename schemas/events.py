@@ -8,6 +8,9 @@ from typing import Any, Literal
 
 Task = Literal["generate", "classify"]
 ControlType = Literal["rollback", "retract", "pause", "resume"]
+# A rollback whose reason starts with this was asked for by the monitor: the writer counts it as
+# reason="monitor" and the admin API prefixes reasons of monitor-triggered rollbacks with it.
+MONITOR_REASON_PREFIX = "monitor:"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 # `python -m pytest` puts the repository root on sys.path and a bare `pytest` does not; tests import
-# their helpers as `tests.services` either way.
+# `melo_testkit` (service launchers shared with bench/) and `tests.*` helpers either way.
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
@@ -26,7 +26,7 @@ if _REPO_ROOT not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.services import KafkaBroker, RedisServer  # noqa: E402
+from melo_testkit.services import KafkaBroker, RedisServer  # noqa: E402
 
 # The CI machine's cores are shared; more threads than cores only adds contention.
 torch.set_num_threads(2)

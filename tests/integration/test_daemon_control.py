@@ -21,7 +21,7 @@ from daemon.control_ops import control_sender
 from daemon.settings import Settings
 from daemon.worker import Worker, build_worker
 from schemas.events import ControlEvent
-from tests.integration.daemon_harness import MODEL, Deployment, zsre_events
+from melo_testkit.daemon_harness import MODEL, Deployment, zsre_events
 
 # Enough rank and steps for tiny-gpt2 to learn each edit (as in test_serving_control).
 LEARN = ["iterations = 100", "rank_per_block = 8", "lr = 0.02", "lr_step = 50"]

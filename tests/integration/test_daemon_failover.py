@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     MODEL,
     Deployment,
     assert_exactly_once_and_verified,
@@ -13,7 +13,7 @@ from tests.integration.daemon_harness import (
     wait_for_log,
     zsre_events,
 )
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 
 def test_redis_killed_mid_stream_daemon_waits_and_loses_nothing(tmp_path: Path, kafka_broker, redis_server, unique_name) -> None:

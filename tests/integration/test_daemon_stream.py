@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon.crash import STAGES
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     Deployment,
     assert_exactly_once_and_verified,
     kill9,

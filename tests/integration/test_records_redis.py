@@ -9,7 +9,7 @@ import redis
 
 from daemon.errors import RecordStoreUnavailable
 from daemon.records_redis import RedisRecordStore
-from tests.services import RedisServer
+from melo_testkit.services import RedisServer
 from tests.unit.test_records_local import CLUSTERS, MODEL, RecordStoreContract, wait_until
 
 

@@ -24,7 +24,7 @@ from bench.perf_scaling import (
     phase_throughput,
     serving_load,
 )
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 EDITS_BEFORE_KILL = 20  # per model
 EDITS_AROUND_KILL = 10  # per model; the first model's active writer dies while they are processed

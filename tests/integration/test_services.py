@@ -13,7 +13,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from tests.services import (
+from melo_testkit.services import (
     FAST_GROUP_CONSUMER,
     KafkaBroker,
     RedisServer,

@@ -28,7 +28,7 @@ from daemon.worker import build_worker
 from melo_runtime import MeloEditor
 from melo_runtime.backbones import load_backbone
 from schemas.events import EditEvent, LocalityProbe
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 MODEL = "tiny-gpt2"
 TOKEN = "admin-token-for-tests"

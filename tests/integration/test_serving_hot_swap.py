@@ -20,7 +20,7 @@ from daemon.serving_state import CurrentFollower, ServingState, VersionHistory
 from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import Edit, MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
-from tests.services import free_port, wait_until
+from melo_testkit.services import free_port, wait_until
 
 MODEL = "tiny-gpt2"
 OVERRIDES = {"rank_per_block": 8, "iterations": 100, "lr": 0.02, "lr_step": 50}

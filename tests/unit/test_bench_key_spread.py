@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.key_spread import markdown_table, parse_args, routing_outcomes
+from bench.key_spread import parse_args, results_table, routing_outcomes
 
 
 def test_routing_outcomes_follow_the_vectordb_rules():
@@ -53,7 +53,7 @@ def test_arguments_pick_the_dataset_and_policies_and_the_table_names_them():
     row = {"dataset": "counterfact", "key_module": "model.layers.23.mlp.up_proj", "fraction": 0.45,
            "calibration_median": 22.46, "radius": 10.1, "conflict_policy": "split", "route_es": 0.985,
            "route_gen": 0.005, "route_loc": 0.975, "clusters": 197, "conflicts": 82, "forgotten": 3}
-    table = markdown_table([row])
+    table = results_table([row])
     assert table.splitlines()[-1] == (
         "| counterfact | model.layers.23.mlp.up_proj | 10.10 (0.45 x 22.5) | split "
         "| 0.985 | 0.005 | 0.975 | 197 | 82 | 3 |"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bench.perf_common import environment, latency_summary, markdown_table, percentile, write_report, zsre_edits
+from bench.perf_common import environment, latency_summary, percentile, write_report, zsre_edits
+from melo_eval.tables import markdown_table
 
 
 def test_percentile_is_nearest_rank_so_p99_is_an_observed_sample():

@@ -1,4 +1,4 @@
-"""`melo eval` hands every word after it to the quality benchmark's own parser (bench/quality.py)."""
+"""`melo eval` hands every word after it to the quality evaluation's own parser (melo_eval/cli.py)."""
 
 from __future__ import annotations
 

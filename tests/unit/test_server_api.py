@@ -1,7 +1,6 @@
 """The serving API on a real snapshot store of tiny-gpt2 versions, through the ASGI app in process.
 
-Every test reads versions published once per module by a real MeloEditor; nothing is mocked. The
-admin path uses the real writer (``WorkerControl`` over a started ``Worker``) where it is needed.
+Every test reads versions published once per module by a real MeloEditor; nothing is mocked.
 """
 
 from __future__ import annotations
