@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bench import datasets
-from bench.quality import exact_match
+from melo_eval import datasets
+from melo_eval.quality import exact_match
 from melo_runtime import MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_runtime.chat import question_of

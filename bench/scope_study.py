@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import DEFAULT_DATA_DIR, nq_probes, qa_prompt
+from melo_eval.datasets import DEFAULT_DATA_DIR, nq_probes, qa_prompt
 from melo_runtime.edits import normalize_label
 from melo_runtime.scope import SUBJECT_DIM, ScopeKeys, SentenceEncoder, infer_subject, normalized_subject
 from melo_runtime.pretrained import minilm_dir
