@@ -282,6 +282,11 @@ class ServeSettings(_Section):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for admin routes; unset = admin routes refused."
     )
+    producer_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for POST /v1/edits (and GET /v1/edits/{id}); unset = edits over HTTP refused. "
+        "Must differ from admin_token.",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted.")
     max_rows: int = Field(
         64, ge=1, le=4096, description="Most prompts (or texts) in one /v1/generate or /v1/classify request."
@@ -299,6 +304,19 @@ class ServeSettings(_Section):
         "current", description="How replicas learn of new versions: the snapshots topic, or polling CURRENT."
     )
     poll_s: float = Field(2.0, gt=0, description="Polling period when follow = current.")
+    max_status_wait_s: float = Field(
+        120.0, ge=0, le=3600, description="Longest long-poll GET /v1/edits/{id}?wait=SECONDS may ask for."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> ServeSettings:
+        if (
+            self.producer_token is not None
+            and self.admin_token is not None
+            and self.producer_token.get_secret_value() == self.admin_token.get_secret_value()
+        ):
+            raise ValueError("serve.producer_token must differ from serve.admin_token: one token per role")
+        return self
 
 
 class Settings(BaseSettings):
