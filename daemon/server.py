@@ -460,6 +460,7 @@ def api_routers(settings: Settings, state: ServingState) -> tuple[list[APIRouter
     for ``settings``, with the background services they need (a results-topic consumer)."""
     from daemon.api_auth import RoleTokens
     from daemon.api_edits import EditsApiConfig, edits_router
+    from daemon.api_openai import openai_router
     from daemon.edit_intake import KafkaEditSink, SpoolEditSink
     from daemon.receipts import FileReceipts, KafkaReceipts
     from daemon.settings import TopicsSettings
@@ -483,7 +484,9 @@ def api_routers(settings: Settings, state: ServingState) -> tuple[list[APIRouter
         receipts = FileReceipts(Path(settings.data_dir) / "outbox" / f"{topics.results}.jsonl", settings.model)
     config = EditsApiConfig(model=settings.model, task=settings.task, limits=settings.limits.to_limits(),
                             max_events=serve.max_rows, max_wait_s=serve.max_status_wait_s)
-    return [edits_router(config, sink, receipts, tokens)], services
+    limits = ServeLimits.from_settings(settings)
+    openai = openai_router(state, max_rows=limits.max_rows, max_chars=limits.max_chars, max_new_tokens=limits.max_new_tokens)
+    return [edits_router(config, sink, receipts, tokens), openai], services
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,20 @@ from melo_runtime.trainer import train_block
 from melo_runtime.vectordb import Hit, VectorDB
 
 _KEY_CHUNK = 64  # prompts per key-only forward pass
+# Seeded sampling sets torch's global generator: one seeded call at a time, and the caller's state
+# is restored afterwards (fork_rng), so a seed gives the same text whatever else runs.
+_SEED_LOCK = threading.Lock()
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with _SEED_LOCK, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)
@@ -226,21 +241,39 @@ class MeloEditor:
 
     # ------------------------------------------------------------------------------------ serving
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy continuation of each prompt (the new text only), routed once from the prompt."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 16,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        streamer: object | None = None,
+    ) -> list[str]:
+        """Continuation of each prompt (the new text only), routed once from the prompt.
+
+        Greedy by default; ``temperature > 0`` samples (nucleus ``top_p``), reproducibly when a
+        ``seed`` is given. ``streamer`` (a transformers streamer, one prompt only) receives the
+        tokens as they are generated.
+        """
         prompts = self._texts(prompts, "prompts")
         if not prompts:
             return []
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
         batch = self._encoder.prompts(prompts)
         inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them
-        with use_state(self._serving_state(batch.key_mask)), torch.no_grad():
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        with _seeded(seed if temperature > 0 else None), use_state(self._serving_state(batch.key_mask)), torch.no_grad():
             output = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 num_beams=1,
                 pad_token_id=self._encoder.pad_id,
                 eos_token_id=self._encoder.eos_id,
+                streamer=streamer,
+                **sampling,
             )
         start = 1 if self._encoder.encoder_decoder else batch.inputs["input_ids"].shape[1]
         return self.tokenizer.batch_decode(output[:, start:], skip_special_tokens=True)
