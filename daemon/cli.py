@@ -28,12 +28,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.cli_errors import run_reporting
 from daemon.settings import Settings
 
 if TYPE_CHECKING:
     from schemas.events import ControlType
 
 log = logging.getLogger("melo")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("melo")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH without `pip install -e .`
+        return "unknown (not installed)"
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:
@@ -284,12 +294,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- rollback / retract
 
 
-def _send_control(settings: Settings, kind: ControlType, reason: str, **fields: Any) -> str:
+def _send_control(settings: Settings, kind: ControlType, reason: str, request_id: str, **fields: Any) -> str:
     """Send one control event on the writer's control channel; returns where it went."""
     from daemon.control_ops import control_sender
     from schemas.events import ControlEvent
 
-    event = ControlEvent(type=kind, model=settings.model, request_id=f"cli-{uuid.uuid4().hex[:12]}", reason=reason,
+    event = ControlEvent(type=kind, model=settings.model, request_id=request_id, reason=reason,
                          created_at=datetime.now(UTC), **fields)
     send = control_sender(settings, sender="cli")
     try:
@@ -299,15 +309,49 @@ def _send_control(settings: Settings, kind: ControlType, reason: str, **fields: 
     return send.destination
 
 
+def _steer_running(args: argparse.Namespace, settings: Settings, holder: Any, kind: ControlType, **fields: Any) -> int:
+    """Hand the request to the running writer; unless --no-wait, wait for its version or its refusal."""
+    from daemon.control_outcome import dead_letter_watch, wait_for_outcome
+
+    request_id = f"cli-{uuid.uuid4().hex[:12]}"
+    if args.no_wait:
+        where = _send_control(settings, kind, args.reason, request_id, **fields)
+        _say(f"melo {kind}: the running daemon ({_holder_text(holder)}) holds the lease; "
+             f"control event written to {where} (request {request_id}; not waiting: --no-wait)")
+        return 0
+    store = _store(settings)
+    after = store.latest(settings.model) or 0
+    watch = dead_letter_watch(settings)  # before sending: its record cannot slip past
+    try:
+        _send_control(settings, kind, args.reason, request_id, **fields)
+        _say(f"melo {kind}: sent to the running daemon ({_holder_text(holder)}); waiting up to {args.wait_s:g}s")
+        outcome = wait_for_outcome(store, settings.model, request_id, after=after, dead_letters=watch,
+                                   timeout_s=args.wait_s)
+    finally:
+        watch.close()
+    if outcome is None:
+        _say(f"melo {kind}: no outcome within {args.wait_s:g}s; the daemon will still execute {request_id} in "
+             "stream order: check `melo snapshots list`")
+        return 2
+    if not outcome.ok:
+        _say(f"melo {kind}: failed: {outcome.detail} ({outcome.reason})")
+        return 1
+    _say(f"melo {kind}: published version {outcome.version} (CURRENT)")
+    return 0
+
+
+def _holder_text(holder: Any) -> str:
+    owner = getattr(holder, "owner", None)
+    return str(owner) if owner is not None else str(holder)
+
+
 def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
     from daemon.worker import build_records, build_worker
 
     settings = _load_settings(args)
     holder = build_records(settings).lease_holder(settings.model)
     if holder is not None:
-        where = _send_control(settings, kind, args.reason, **fields)
-        _say(f"melo {kind}: the running daemon ({holder}) holds the lease; control event written to {where}")
-        return 0
+        return _steer_running(args, settings, holder, kind, **fields)
     worker = build_worker(settings, on_progress=_say)
     if not worker.start():
         return 1
@@ -346,6 +390,8 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     importing them costs seconds, so ``main`` skips them for the core commands)."""
     parser = argparse.ArgumentParser(prog="melo", description="Streaming MELO model-editing daemon.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (for bug reports)")
+    parser.add_argument("--version", action="version", version=f"melo {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -380,6 +426,11 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     retract.add_argument("edit_id")
     retract.add_argument("--reason", required=True)
     retract.set_defaults(func=cmd_retract)
+    for steer in (rollback, retract):
+        steer.add_argument("--no-wait", action="store_true",
+                           help="with a running daemon: only send the control event, do not wait for its outcome")
+        steer.add_argument("--wait-s", type=float, default=120.0,
+                           help="with a running daemon: how long to wait for the new version (default 120)")
 
     # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
     evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py; run from the repository)", add_help=False)
@@ -434,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     args = build_parser(optional=command not in CORE_COMMANDS).parse_args(argv)
     _configure_logging(args.verbose)
-    return int(args.func(args) or 0)
+    return run_reporting(args.command, lambda: int(args.func(args) or 0), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -354,6 +354,12 @@ class Settings(BaseSettings):
     spool_dir: Path | None = Field(
         None, description="Spool of JSONL event files (used when kafka is unset); defaults to <data_dir>/spool."
     )
+    other_model_events: Literal["auto", "skip", "dead_letter"] = Field(
+        "auto",
+        description="Edit events naming another model: dead_letter = DLQ record and rejected receipt (reason "
+        "wrong_model); skip = leave them to that model's writer; auto = dead_letter on the spool, skip on Kafka "
+        "(where one edits topic carries every model's events).",
+    )
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Micro-batching.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Event size limits.")
     kafka: KafkaSettings | None = Field(None, description="Kafka connection; unset = local spool.")

@@ -107,6 +107,7 @@ class WorkerOptions:
     poll_timeout_s: float = 0.5
     poll_max_records: int = 500
     limits: Limits = field(default_factory=Limits)
+    reject_other_models: bool = False  # dead-letter events of other models instead of leaving them to their writer
 
 
 @dataclass
@@ -319,7 +320,11 @@ class Worker:
                 self._reject(record, str(error.reason_code), error.detail, edit_id=_edit_id_of(record.value))
                 continue
             if event.model != self.model:
-                self.batcher.observe(record)  # another model's event: its own daemon handles it
+                if self.options.reject_other_models:
+                    self._reject(record, "wrong_model", f"model {event.model!r}, but this daemon edits {self.model!r}",
+                                 edit_id=event.edit_id)
+                else:
+                    self.batcher.observe(record)  # another model's event: its own daemon handles it
                 continue
             if event.task != self.options.task:
                 self._reject(record, "wrong_task", f"task {event.task!r} but model {self.model} edits {self.options.task!r}",
@@ -329,6 +334,9 @@ class Worker:
         self._enqueue(accepted)
 
     def _reject(self, record: SourceRecord, reason: str, detail: str, *, edit_id: str | None) -> None:
+        stream, partition = record.position
+        log.warning("model %s: rejected %s at %s/%s/%s: %s (%s)", self.model, edit_id or "an event", stream, partition,
+                    record.offset, reason, detail[:200])
         self.publisher.dead_letter(record, reason, detail)
         if edit_id is not None:
             self.publisher.receipt(edit_id, "rejected", reason=reason, detail=detail, record=record)
@@ -372,6 +380,7 @@ class Worker:
         by_id = {p.event.edit_id: p for p in pending}
         for edit, detail in rejected:
             item = by_id[edit.edit_id]
+            log.warning("model %s: rejected %s: rejected_by_editor (%s)", self.model, edit.edit_id, detail[:200])
             self.publisher.dead_letter(item.record, "rejected_by_editor", detail)
             self.publisher.receipt(edit.edit_id, "rejected", reason="rejected_by_editor", detail=detail, record=item.record)
             self.progress.rejected += 1
@@ -828,6 +837,8 @@ def build_worker(
         lease_renew_s=renew,
         retry_deadline_s=retry_s,
         limits=settings.limits.to_limits(),
+        reject_other_models=settings.other_model_events == "dead_letter"
+        or (settings.other_model_events == "auto" and settings.kafka is None),
     )
     editors = BackboneEditors(
         settings.backbone or settings.model,
