@@ -3,7 +3,9 @@
     melo run [--config F] [--until-idle]      the writer (Kafka or the embedded spool default)
     melo produce FILE [--topic T]             JSONL edit events → Kafka (key = each event's model)
     melo snapshots list | show N | verify [N]
-    melo inspect clusters [--limit K]
+    melo inspect clusters [--limit K] | route PROMPT
+    melo status                               serving version, writer, pending events, last errors
+    melo edits show EDIT_ID                   an edit's state and receipts
     melo rollback --to N --reason R           new version with N's content
     melo retract EDIT_ID --reason R           new version without that edit
     melo serve ...                            HTTP serving (daemon/server.py)
@@ -11,7 +13,10 @@
 
 ``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
 control event (Kafka control topic, or the spool's control directory) that the running daemon
-executes in stream order; otherwise they take the lease themselves and publish directly.
+executes in stream order, and wait for its version or its refusal (``--no-wait``: only send);
+otherwise they take the lease themselves and publish directly.
+
+A failing command prints one line on stderr and exits non-zero (``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -270,10 +275,14 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print the cluster table of the serving version."""
+    """Print the cluster table of the serving version, or (``route``) where one prompt is routed."""
     from daemon.recovery import cluster_records
 
     settings = _load_settings(args)
+    if args.what == "route":
+        from daemon.cli_inspect import cmd_route
+
+        return cmd_route(args, settings)
     store = _store(settings)
     version = store.current(settings.model)
     if version is None:
@@ -382,7 +391,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval")
+CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval", "status", "edits")
 
 
 def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
@@ -413,7 +422,8 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     snaps.set_defaults(func=cmd_snapshots)
 
     inspect = with_config(sub.add_parser("inspect", help="inspect the serving version"))
-    inspect.add_argument("what", choices=["clusters"])
+    inspect.add_argument("what", choices=["clusters", "route"])
+    inspect.add_argument("prompt", nargs="?", help="for `route`: the prompt to route")
     inspect.add_argument("--limit", type=int, default=20)
     inspect.set_defaults(func=cmd_inspect)
 
@@ -431,6 +441,10 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
                            help="with a running daemon: only send the control event, do not wait for its outcome")
         steer.add_argument("--wait-s", type=float, default=120.0,
                            help="with a running daemon: how long to wait for the new version (default 120)")
+
+    from daemon.cli_inspect import register as register_inspection
+
+    register_inspection(sub, with_config)
 
     # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
     evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py; run from the repository)", add_help=False)

@@ -87,6 +87,17 @@ class ReceiptIndex(Protocol):
         ...
 
 
+def receipt_of(value: bytes, model: str) -> dict[str, Any] | None:
+    """The receipt in a results-stream record if it is one of ``model``'s, else None."""
+    try:
+        receipt = json.loads(value)
+    except ValueError:
+        return None  # not a receipt of ours: the results topic is shared with other producers
+    if not isinstance(receipt, dict) or receipt.get("model") != model or not isinstance(receipt.get("edit_id"), str):
+        return None
+    return receipt
+
+
 class _Table:
     """Receipts by edit id for one model (thread-safe)."""
 
@@ -96,15 +107,10 @@ class _Table:
         self._lock = threading.Lock()
 
     def add(self, value: bytes) -> None:
-        try:
-            receipt = json.loads(value)
-        except ValueError:
-            return  # not a receipt of ours: the results topic is shared with other producers
-        if not isinstance(receipt, dict) or receipt.get("model") != self.model:
+        receipt = receipt_of(value, self.model)
+        if receipt is None:
             return
-        edit_id = receipt.get("edit_id")
-        if not isinstance(edit_id, str):
-            return
+        edit_id = receipt["edit_id"]
         with self._lock:
             if edit_id not in self._by_id and len(self._by_id) >= MAX_TRACKED_EDITS:
                 self._by_id.pop(next(iter(self._by_id)))  # oldest first: dicts keep insertion order

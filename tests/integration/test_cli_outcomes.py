@@ -132,3 +132,30 @@ def test_missing_config_file_and_version():
     assert missing.returncode == 2 and "/nonexistent/melo.toml" in missing.stderr and "Traceback" not in missing.stderr
     version = melo("--version")
     assert version.returncode == 0 and version.stdout.startswith("melo ")
+
+
+def test_status_edits_show_and_inspect_route_describe_a_running_deployment(running):
+    config, settings, writer = running
+    spool_edit(settings, "0001.jsonl", [
+        {"edit_id": "sky", "model": MODEL, "task": "generate", "prompt": "The sky is", "target": " green"},
+        {"edit_id": "blank", "model": MODEL, "task": "generate", "prompt": " ", "target": " b"},
+    ])
+    wait_until(lambda: writer.worker.version == 1, 60, "version 1")
+    wait_until(lambda: writer.worker.source.committed() != {}, 30, "the committed spool position")
+
+    status = melo("status", "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    assert "CURRENT version 1" in status.stdout
+    assert f"writer: {writer.worker.options.owner}" in status.stdout
+    assert "pending: 0 events" in status.stdout
+    assert "blank: empty_prompt" in status.stdout
+
+    shown = melo("edits", "show", "sky", "--config", str(config))
+    assert shown.returncode == 0 and "edit sky: applied in version 1" in shown.stdout, shown.stdout
+    unknown = melo("edits", "show", "never-sent", "--config", str(config))
+    assert unknown.returncode == 1 and "no receipt" in unknown.stdout
+
+    hit = melo("inspect", "route", "The sky is", "--config", str(config))
+    assert hit.returncode == 0 and "version 1: block 0, cluster #" in hit.stdout and "sky" in hit.stdout, hit.stdout
+    miss = melo("inspect", "route", "Numbers like 7 and 9", "--config", str(config))
+    assert miss.returncode == 0 and "outside every cluster" in miss.stdout
