@@ -51,6 +51,14 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _training_bar(description: str) -> Any:
+    """A live line on the terminal while a block trains (time so far; the block's iterations are
+    the trainer's business)."""
+    from tqdm import tqdm
+
+    return tqdm(desc=description, total=None, file=sys.stderr, leave=False, bar_format="{desc}: {elapsed} elapsed")
+
+
 def _load_settings(args: argparse.Namespace) -> Settings:
     return Settings.load(Path(args.config) if getattr(args, "config", None) else None)
 
@@ -86,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
     started = time.monotonic()
-    worker = build_worker(settings, crash=crash, on_progress=_say)
+    worker = build_worker(settings, crash=crash, on_progress=_say,
+                          training_display=_training_bar if sys.stderr.isatty() else None)
     _say(
         f"melo run: model {settings.model} on backbone {settings.backbone}, source "
         f"{'kafka ' + ','.join(settings.kafka.bootstrap_servers) if settings.kafka else 'spool ' + str(settings.spool_dir)}, "

@@ -163,7 +163,10 @@ class Worker:
         editors: EditorFactory,
         crash: CrashPoints | None = None,
         on_progress: Callable[[str], None] | None = None,
+        training_display: Callable[[str], Any] | None = None,
     ) -> None:
+        """``training_display(description)``, when given, returns a progress display (``refresh()``,
+        ``close()``: a tqdm bar) shown while a block trains -- `melo run` passes one on a terminal."""
         self.options = options
         self.model = options.model
         self.source = source
@@ -173,6 +176,7 @@ class Worker:
         self.editors = editors
         self.crash = crash or CrashPoints()
         self.on_progress = on_progress or (lambda line: log.info("%s", line))
+        self.training_display = training_display
         self.batcher: MicroBatcher[PendingEdit] = MicroBatcher(options.batch_max_size, options.batch_max_wait_s)
         self.progress = Progress()
         self.editor: Any = None
@@ -462,11 +466,20 @@ class Worker:
 
         self._trainer = threading.Thread(target=target, name="melo-train", daemon=True)
         self._trainer.start()
-        while self._trainer.is_alive():
-            if self._stop.is_set():
-                raise BatchAbandoned()
-            self._trainer.join(0.2)
-            self.source.keepalive(0)
+        display = None
+        if self.training_display is not None:
+            display = self.training_display(f"training block {getattr(self.editor, 'blocks', '?')} ({len(edits)} edits)")
+        try:
+            while self._trainer.is_alive():
+                if self._stop.is_set():
+                    raise BatchAbandoned()
+                self._trainer.join(0.2)
+                self.source.keepalive(0)
+                if display is not None:
+                    display.refresh()
+        finally:
+            if display is not None:
+                display.close()
         self._trainer = None
         if "error" in outcome:
             raise outcome["error"]
@@ -796,6 +809,7 @@ def build_worker(
     *,
     crash: CrashPoints | None = None,
     on_progress: Callable[[str], None] | None = None,
+    training_display: Callable[[str], Any] | None = None,
 ) -> Worker:
     """Assemble a worker from settings: Kafka or spool source, Redis or local records, filesystem
     snapshots, Kafka or file outbox, the configured backbone."""
@@ -856,4 +870,5 @@ def build_worker(
         editors=editors,
         crash=crash,
         on_progress=on_progress,
+        training_display=training_display,
     )

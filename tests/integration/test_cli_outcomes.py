@@ -159,3 +159,30 @@ def test_status_edits_show_and_inspect_route_describe_a_running_deployment(runni
     assert hit.returncode == 0 and "version 1: block 0, cluster #" in hit.stdout and "sky" in hit.stdout, hit.stdout
     miss = melo("inspect", "route", "Numbers like 7 and 9", "--config", str(config))
     assert miss.returncode == 0 and "outside every cluster" in miss.stdout
+
+
+def test_a_training_block_shows_a_live_progress_line(tmp_path):
+    import io
+    import threading
+
+    from tqdm import tqdm
+
+    from daemon.worker import build_worker
+
+    settings = Settings.load(write_config(tmp_path / "melo"))
+    screen = io.StringIO()
+    shown: list[tqdm] = []
+
+    def display(description: str) -> tqdm:
+        shown.append(tqdm(desc=description, total=None, file=screen, bar_format="{desc}: {elapsed} elapsed"))
+        return shown[-1]
+
+    worker = build_worker(settings, training_display=display)
+    spool_edit(settings, "0001.jsonl", [{"edit_id": "sky", "model": MODEL, "task": "generate",
+                                         "prompt": "The sky is", "target": " green"}])
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
+    thread.start()
+    thread.join(120)
+    assert worker.version == 1
+    assert len(shown) == 1
+    assert "training block 0 (1 edits): 00:0" in screen.getvalue()
