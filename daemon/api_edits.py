@@ -7,8 +7,11 @@
   ``{"model", "accepted": [edit ids], "destination"}``.
 - ``GET /v1/edits/{edit_id}`` (producer or admin token): ``{"edit_id", "status", "version",
   "reason", "detail"}`` from the receipts (daemon/receipts.py). ``?wait=SECONDS`` long-polls until
-  a receipt decides the edit (at most ``serve.max_status_wait_s``); still undecided after the wait
-  → 200 with ``pending``. An id with no receipt that this process did not accept is 404.
+  a receipt decides the edit (at most ``serve.max_status_wait_s``), and then, within the same
+  deadline, until this server serves the receipt's version -- so a query sent right after the
+  answer sees the edit. ``serving`` in the answer is the version this server serves now. Still
+  undecided after the wait → 200 with ``pending``. An id with no receipt that this process did not
+  accept is 404.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +65,15 @@ class _Accepted:
         return edit_id in self._ids
 
 
-def edits_router(config: EditsApiConfig, sink: EditSink, receipts: ReceiptIndex, tokens: RoleTokens) -> APIRouter:
-    """The router of the two edit routes (``create_app(..., routers=[...])`` includes it)."""
+def edits_router(
+    config: EditsApiConfig,
+    sink: EditSink,
+    receipts: ReceiptIndex,
+    tokens: RoleTokens,
+    serving: Callable[[], int | None] = lambda: None,
+) -> APIRouter:
+    """The router of the two edit routes (``create_app(..., routers=[...])`` includes it);
+    ``serving()`` is the version this server answers with now (None before the first)."""
     router = APIRouter(tags=["edits"])
     accepted = _Accepted()
 
@@ -102,9 +113,18 @@ def edits_router(config: EditsApiConfig, sink: EditSink, receipts: ReceiptIndex,
         if not status.final and edit_id not in accepted:
             raise HTTPException(404, f"no receipt for edit {edit_id!r}, and it was not submitted through this "
                                      "server: check the id, or wait (?wait=SECONDS) if it was sent to the stream")
-        return status.to_json()
+        while _behind(serving(), status) and time.monotonic() < deadline:
+            await asyncio.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        return status.to_json() | {"serving": serving()}
 
     return router
+
+
+def _behind(served: int | None, status: EditStatus) -> bool:
+    """True while this server answers with a version older than the one the receipt names."""
+    if status.status in ("pending", "rejected", "duplicate") or status.version is None:
+        return False
+    return served is None or served < status.version
 
 
 async def _lookup(receipts: ReceiptIndex, edit_id: str) -> EditStatus:

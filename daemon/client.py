@@ -49,6 +49,7 @@ class EditStatus:
     version: int | None
     reason: str | None = None
     detail: str | None = None
+    serving: int | None = None  # the version the server answered with at that moment
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,12 @@ class MeloClient:
         return list(body["accepted"])
 
     def status(self, edit_id: str, *, wait: float = 0.0) -> EditStatus:
-        """The edit's state; ``wait`` seconds long-polls until a receipt decides it."""
+        """The edit's state; ``wait`` seconds long-polls until a receipt decides it and the server
+        serves the receipt's version (so :meth:`generate` right after sees the edit)."""
         body = self._request("GET", f"/v1/edits/{quote(edit_id, safe='')}", token=self.producer_token or self.admin_token,
                              params={"wait": wait}, timeout=self.timeout_s + wait)
-        return EditStatus(body["edit_id"], body["status"], body.get("version"), body.get("reason"), body.get("detail"))
+        return EditStatus(body["edit_id"], body["status"], body.get("version"), body.get("reason"), body.get("detail"),
+                          body.get("serving"))
 
     # ------------------------------------------------------------------------- serving
 

@@ -486,7 +486,11 @@ def api_routers(settings: Settings, state: ServingState) -> tuple[list[APIRouter
                             max_events=serve.max_rows, max_wait_s=serve.max_status_wait_s)
     limits = ServeLimits.from_settings(settings)
     openai = openai_router(state, max_rows=limits.max_rows, max_chars=limits.max_chars, max_new_tokens=limits.max_new_tokens)
-    return [edits_router(config, sink, receipts, tokens), openai], services
+    def serving() -> int | None:
+        loaded = state.loaded()
+        return loaded.version if loaded is not None else None
+
+    return [edits_router(config, sink, receipts, tokens, serving), openai], services
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
