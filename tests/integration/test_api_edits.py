@@ -126,3 +126,23 @@ def test_status_of_an_unknown_edit_is_404_and_an_overlong_wait_is_422(server_onl
     # Accepted here but not yet decided (no writer runs): pending, not 404.
     assert client.post("/v1/edits", json=edit("queued", "A", " b"), headers=AS_PRODUCER).status_code == 202
     assert client.get("/v1/edits/queued", params={"wait": 0.3}, headers=AS_PRODUCER).json()["status"] == "pending"
+
+
+def test_posted_edit_goes_through_kafka_and_its_receipt_comes_back_from_the_results_topic(tmp_path: Path, kafka_broker):
+    from tests.services import create_topics
+
+    topics = {role: f"api14.{role}" for role in ("edits", "control", "dlq", "results", "forgotten", "snapshots")}
+    create_topics(kafka_broker.bootstrap, list(topics.values()))
+    settings = api_settings(tmp_path / "melo", kafka={
+        "bootstrap_servers": [kafka_broker.bootstrap], "group_id": "api14-writer", "topics": topics,
+        "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+    })
+    with WriterThread(settings), LiveServer.for_settings(settings) as server, \
+            httpx.Client(base_url=server.url, timeout=90) as client:
+        response = client.post("/v1/edits", json=edit("sky", "The sky is", " green"), headers=AS_PRODUCER)
+        assert response.status_code == 202, response.text
+        assert response.json()["destination"] == "Kafka topic api14.edits"
+        status = client.get("/v1/edits/sky", params={"wait": 90}, headers=AS_PRODUCER).json()
+        assert status["status"] == "applied" and status["serving"] == status["version"], status
+        served = client.post("/v1/generate", json={"prompts": ["The sky is"], "max_new_tokens": 6}).json()
+        assert served["results"][0]["output"].startswith(" green")
