@@ -33,20 +33,25 @@ from melo_runtime.trainer import train_block
 from melo_runtime.vectordb import Hit, VectorDB
 
 _KEY_CHUNK = 64  # prompts per key-only forward pass
-# Seeded sampling sets torch's global generator: one seeded call at a time, and the caller's state
-# is restored afterwards (fork_rng), so a seed gives the same text whatever else runs.
-_SEED_LOCK = threading.Lock()
+# Sampling draws from torch's global generator, which HF generate offers no way to replace: sampled
+# calls run one at a time (greedy ones stay concurrent), and a seeded call works on a forked state
+# restored afterwards, so a seed gives the same text whatever else runs.
+_SAMPLING_LOCK = threading.Lock()
 
 
 @contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    if seed is None:
+def _sampling(active: bool, seed: int | None) -> Iterator[None]:
+    if not active:
         yield
         return
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _SEED_LOCK, torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+    with _SAMPLING_LOCK:
+        if seed is None:
+            yield
+            return
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
 
 @dataclass(frozen=True)
@@ -265,7 +270,7 @@ class MeloEditor:
         batch = self._encoder.prompts(prompts)
         inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        with _seeded(seed if temperature > 0 else None), use_state(self._serving_state(batch.key_mask)), torch.no_grad():
+        with _sampling(temperature > 0, seed), use_state(self._serving_state(batch.key_mask)), torch.no_grad():
             output = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

@@ -135,6 +135,19 @@ def render() -> str:
         lines += [f"### `{kind}`", "", _cell(shape.get("description", "")), "", *HEADER]
         lines += _rows(control, shape["properties"], shape.get("required", []))
         lines.append("")
+    lines += ["## What happened to an edit", "",
+              "The writer sends a receipt per outcome to `melo.edit-results` (file outbox: "
+              "`<data_dir>/outbox/melo.edit-results.jsonl`); `GET /v1/edits/{edit_id}`, `melo edits show` and "
+              "`MeloClient.status` fold them into one state (the newest receipt that is not `duplicate` wins):", "",
+              "| status | meaning |", "|---|---|",
+              "| `pending` | accepted into the stream, no receipt yet |",
+              "| `applied` | learned in `version` |",
+              "| `not_learned` | in `version`, but training stopped before every target token was the model's choice |",
+              "| `forgotten` | a newer conflicting edit shrank its cluster in `version` |",
+              "| `retracted` | removed by a retract in `version` |",
+              "| `rolled_back` | undone by a rollback in `version` |",
+              "| `rejected` | refused, with `reason` and `detail` (below) |",
+              "| `duplicate` | its `edit_id` was already applied or queued when it arrived |", ""]
     lines += ["## Rejection reasons", "",
               "DLQ records (`melo.reason` header, or `reason` in the file outbox) and `rejected` receipts carry one of:",
               "", *[f"- `{reason.value}`" for reason in Reason],
