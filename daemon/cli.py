@@ -272,7 +272,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         if version is None:
             _say(f"no versions of {model}")
             return 1
-        _say(json.dumps(store.manifest(model, version).to_dict(), indent=2, sort_keys=True))
+        manifest = store.manifest(model, version)
+        if args.json:
+            _say(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+        else:
+            _show_manifest(manifest, current)
         return 0
     versions = [args.version] if args.version is not None else [m.version for m in store.versions(model)]
     bad = 0
@@ -281,6 +285,23 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         bad += bool(problems)
         _say(f"version {version}: {'OK' if not problems else 'BROKEN: ' + '; '.join(problems[:5])}")
     return 1 if bad else 0
+
+
+def _show_manifest(m: Any, current: int | None) -> None:
+    """A manifest in a dozen lines (``--json`` prints all of it)."""
+    _say(f"version {m.version}{' (CURRENT)' if m.version == current else ''}: {m.kind}, status {m.status}, "
+         f"parent {m.parent}, created {m.created_at}")
+    if m.restores_version is not None:
+        _say(f"  restores version {m.restores_version}")
+    if m.request_id or m.reason:
+        _say(f"  request {m.request_id or '-'}: {m.reason or ''}")
+    _say(f"  base model {m.base_model.get('id')} (weights {str(m.base_model.get('weights_sha256'))[:12]}…)")
+    _say(f"  edits: {m.edit_counts.get('new', 0)} new, {m.edit_counts.get('total', 0)} reachable"
+         + (f" — {', '.join(m.edit_ids[:8])}{' …' if len(m.edit_ids) > 8 else ''}" if m.edit_ids else ""))
+    _say("  stats: " + ", ".join(f"{k} {v}" for k, v in sorted(m.stats.items())))
+    _say(f"  files: {len(m.files)}, {m.total_bytes:,} bytes; writer {m.writer.get('owner')} (token {m.writer.get('token')})")
+    covered = sum(len(parts) for parts in m.offsets.values())
+    _say(f"  source positions covered: {covered} (--json for the manifest, offsets and MELO config)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -428,6 +449,7 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     snaps = with_config(sub.add_parser("snapshots", help="list / show / verify snapshot versions"))
     snaps.add_argument("action", choices=["list", "show", "verify"])
     snaps.add_argument("version", nargs="?", type=int)
+    snaps.add_argument("--json", action="store_true", help="show: the whole manifest as JSON")
     snaps.set_defaults(func=cmd_snapshots)
 
     inspect = with_config(sub.add_parser("inspect", help="inspect the serving version"))

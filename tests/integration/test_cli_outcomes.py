@@ -160,6 +160,10 @@ def test_status_edits_show_and_inspect_route_describe_a_running_deployment(runni
     miss = melo("inspect", "route", "Numbers like 7 and 9", "--config", str(config))
     assert miss.returncode == 0 and "outside every cluster" in miss.stdout
 
+    brief = melo("snapshots", "show", "--config", str(config))
+    assert brief.stdout.startswith("version 1 (CURRENT): edit") and len(brief.stdout.splitlines()) < 12
+    assert json.loads(melo("snapshots", "show", "1", "--json", "--config", str(config)).stdout)["edit_ids"] == ["sky"]
+
 
 def test_a_training_block_shows_a_live_progress_line(tmp_path):
     import io
