@@ -289,10 +289,18 @@ class ServeSettings(_Section):
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted.")
     max_rows: int = Field(
-        64, ge=1, le=4096, description="Most prompts (or texts) in one /v1/generate or /v1/classify request."
+        64,
+        ge=1,
+        le=4096,
+        description="Most prompts (or texts, or chat messages) in one /v1/generate, /v1/classify or OpenAI-compatible "
+        "request, and most edit events in one POST /v1/edits.",
     )
     max_new_tokens: int = Field(
-        64, ge=1, le=4096, description="Most tokens /v1/generate may be asked to generate per row."
+        64,
+        ge=1,
+        le=4096,
+        description="Most tokens /v1/generate (max_new_tokens) or the OpenAI-compatible routes (max_tokens, also "
+        "their default) may be asked to generate per row.",
     )
     control_wait_s: float = Field(
         30.0,
