@@ -164,12 +164,15 @@ def openai_router(state: ServingState, *, max_rows: int, max_chars: int, max_new
         for index, prompt in enumerate(prompts):
             if not prompt.strip() or len(prompt) > max_chars:
                 raise HTTPException(422, f"prompt {index} is empty or over {max_chars} characters: send 1 to {max_chars}")
+            _check_utf8(prompt, f"prompt {index}")
         max_tokens = body.max_tokens or max_new_tokens
         if max_tokens > max_new_tokens:
             raise HTTPException(422, f"max_tokens={max_tokens}, at most {max_new_tokens} (serve.max_new_tokens)")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS or any(len(s) > max_chars for s in stops):
             raise HTTPException(422, f"stop: at most {MAX_STOPS} strings of at most {max_chars} characters")
+        for stop in stops:
+            _check_utf8(stop, "stop")
         return _Job(kind, served, prompts, max_tokens, body.temperature, body.top_p, body.seed, stops)
 
     def loaded() -> LoadedVersion:
@@ -196,6 +199,8 @@ def openai_router(state: ServingState, *, max_rows: int, max_chars: int, max_new
             raise HTTPException(422, f"at most {max_rows} messages of at most {max_chars} characters each")
         version = loaded()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        for index, message in enumerate(messages):
+            _check_utf8(message["content"], f"messages[{index}].content")
         try:
             prompt = render_chat(version.editor.tokenizer, messages)
         except Exception as exc:  # noqa: BLE001 - a template may refuse a conversation (e.g. role order)
@@ -203,6 +208,14 @@ def openai_router(state: ServingState, *, max_rows: int, max_chars: int, max_new
         return _answer(job(body, "chat.completion", [prompt]), version, body.stream)
 
     return router
+
+
+def _check_utf8(text: str, what: str) -> None:
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPException(422, f"{what} holds an unpaired surrogate at character {exc.start}: send valid Unicode") from exc
 
 
 def _routes(version: LoadedVersion, prompts: list[str]) -> list[dict[str, Any] | None]:

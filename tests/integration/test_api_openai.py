@@ -124,6 +124,10 @@ def test_bad_completion_requests_are_4xx(client, kwargs, error):
         b'{"model": "tiny-gpt2", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
         b"not json",
         b"[]",
+        b'{"model": "tiny-gpt2", "prompt": "\\ud800 sky", "max_tokens": 2}',
+        b'{"model": "tiny-gpt2", "prompt": "\\ud800 sky", "max_tokens": 2, "stream": true}',
+        b'{"model": "tiny-gpt2", "prompt": "sky", "stop": ["\\udfff"]}',
+        b'{"model": "tiny-gpt2", "messages": [{"role": "user", "content": "\\ud800"}]}',
     ],
 )
 def test_malformed_bodies_are_422_never_5xx(edited, body):
