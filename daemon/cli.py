@@ -3,7 +3,9 @@
     melo run [--config F] [--until-idle]      the writer (Kafka or the embedded spool default)
     melo produce FILE [--topic T]             JSONL edit events → Kafka (key = each event's model)
     melo snapshots list | show N | verify [N]
-    melo inspect clusters [--limit K]
+    melo inspect clusters [--limit K] | route PROMPT
+    melo status                               serving version, writer, pending events, last errors
+    melo edits show EDIT_ID                   an edit's state and receipts
     melo rollback --to N --reason R           new version with N's content
     melo retract EDIT_ID --reason R           new version without that edit
     melo serve ...                            HTTP serving (daemon/server.py)
@@ -11,7 +13,10 @@
 
 ``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
 control event (Kafka control topic, or the spool's control directory) that the running daemon
-executes in stream order; otherwise they take the lease themselves and publish directly.
+executes in stream order, and wait for its version or its refusal (``--no-wait``: only send);
+otherwise they take the lease themselves and publish directly.
+
+A failing command prints one line on stderr and exits non-zero (``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -28,12 +33,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.cli_errors import run_reporting
 from daemon.settings import Settings
 
 if TYPE_CHECKING:
     from schemas.events import ControlType
 
 log = logging.getLogger("melo")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("melo")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH without `pip install -e .`
+        return "unknown (not installed)"
+
+
+def _training_bar(description: str) -> Any:
+    """A live line on the terminal while a block trains (time so far; the block's iterations are
+    the trainer's business)."""
+    from tqdm import tqdm
+
+    return tqdm(desc=description, total=None, file=sys.stderr, leave=False, bar_format="{desc}: {elapsed} elapsed")
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:
@@ -71,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
     started = time.monotonic()
-    worker = build_worker(settings, crash=crash, on_progress=_say)
+    worker = build_worker(settings, crash=crash, on_progress=_say,
+                          training_display=_training_bar if sys.stderr.isatty() else None)
     _say(
         f"melo run: model {settings.model} on backbone {settings.backbone}, source "
         f"{'kafka ' + ','.join(settings.kafka.bootstrap_servers) if settings.kafka else 'spool ' + str(settings.spool_dir)}, "
@@ -248,7 +272,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         if version is None:
             _say(f"no versions of {model}")
             return 1
-        _say(json.dumps(store.manifest(model, version).to_dict(), indent=2, sort_keys=True))
+        manifest = store.manifest(model, version)
+        if args.json:
+            _say(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+        else:
+            _show_manifest(manifest, current)
         return 0
     versions = [args.version] if args.version is not None else [m.version for m in store.versions(model)]
     bad = 0
@@ -259,11 +287,32 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _show_manifest(m: Any, current: int | None) -> None:
+    """A manifest in a dozen lines (``--json`` prints all of it)."""
+    _say(f"version {m.version}{' (CURRENT)' if m.version == current else ''}: {m.kind}, status {m.status}, "
+         f"parent {m.parent}, created {m.created_at}")
+    if m.restores_version is not None:
+        _say(f"  restores version {m.restores_version}")
+    if m.request_id or m.reason:
+        _say(f"  request {m.request_id or '-'}: {m.reason or ''}")
+    _say(f"  base model {m.base_model.get('id')} (weights {str(m.base_model.get('weights_sha256'))[:12]}…)")
+    _say(f"  edits: {m.edit_counts.get('new', 0)} new, {m.edit_counts.get('total', 0)} reachable"
+         + (f" — {', '.join(m.edit_ids[:8])}{' …' if len(m.edit_ids) > 8 else ''}" if m.edit_ids else ""))
+    _say("  stats: " + ", ".join(f"{k} {v}" for k, v in sorted(m.stats.items())))
+    _say(f"  files: {len(m.files)}, {m.total_bytes:,} bytes; writer {m.writer.get('owner')} (token {m.writer.get('token')})")
+    covered = sum(len(parts) for parts in m.offsets.values())
+    _say(f"  source positions covered: {covered} (--json for the manifest, offsets and MELO config)")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print the cluster table of the serving version."""
+    """Print the cluster table of the serving version, or (``route``) where one prompt is routed."""
     from daemon.recovery import cluster_records
 
     settings = _load_settings(args)
+    if args.what == "route":
+        from daemon.cli_inspect import cmd_route
+
+        return cmd_route(args, settings)
     store = _store(settings)
     version = store.current(settings.model)
     if version is None:
@@ -284,12 +333,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- rollback / retract
 
 
-def _send_control(settings: Settings, kind: ControlType, reason: str, **fields: Any) -> str:
+def _send_control(settings: Settings, kind: ControlType, reason: str, request_id: str, **fields: Any) -> str:
     """Send one control event on the writer's control channel; returns where it went."""
     from daemon.control_ops import control_sender
     from schemas.events import ControlEvent
 
-    event = ControlEvent(type=kind, model=settings.model, request_id=f"cli-{uuid.uuid4().hex[:12]}", reason=reason,
+    event = ControlEvent(type=kind, model=settings.model, request_id=request_id, reason=reason,
                          created_at=datetime.now(UTC), **fields)
     send = control_sender(settings, sender="cli")
     try:
@@ -299,15 +348,49 @@ def _send_control(settings: Settings, kind: ControlType, reason: str, **fields: 
     return send.destination
 
 
+def _steer_running(args: argparse.Namespace, settings: Settings, holder: Any, kind: ControlType, **fields: Any) -> int:
+    """Hand the request to the running writer; unless --no-wait, wait for its version or its refusal."""
+    from daemon.control_outcome import dead_letter_watch, wait_for_outcome
+
+    request_id = f"cli-{uuid.uuid4().hex[:12]}"
+    if args.no_wait:
+        where = _send_control(settings, kind, args.reason, request_id, **fields)
+        _say(f"melo {kind}: the running daemon ({_holder_text(holder)}) holds the lease; "
+             f"control event written to {where} (request {request_id}; not waiting: --no-wait)")
+        return 0
+    store = _store(settings)
+    after = store.latest(settings.model) or 0
+    watch = dead_letter_watch(settings)  # before sending: its record cannot slip past
+    try:
+        _send_control(settings, kind, args.reason, request_id, **fields)
+        _say(f"melo {kind}: sent to the running daemon ({_holder_text(holder)}); waiting up to {args.wait_s:g}s")
+        outcome = wait_for_outcome(store, settings.model, request_id, after=after, dead_letters=watch,
+                                   timeout_s=args.wait_s)
+    finally:
+        watch.close()
+    if outcome is None:
+        _say(f"melo {kind}: no outcome within {args.wait_s:g}s; the daemon will still execute {request_id} in "
+             "stream order: check `melo snapshots list`")
+        return 2
+    if not outcome.ok:
+        _say(f"melo {kind}: failed: {outcome.detail} ({outcome.reason})")
+        return 1
+    _say(f"melo {kind}: published version {outcome.version} (CURRENT)")
+    return 0
+
+
+def _holder_text(holder: Any) -> str:
+    owner = getattr(holder, "owner", None)
+    return str(owner) if owner is not None else str(holder)
+
+
 def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
     from daemon.worker import build_records, build_worker
 
     settings = _load_settings(args)
     holder = build_records(settings).lease_holder(settings.model)
     if holder is not None:
-        where = _send_control(settings, kind, args.reason, **fields)
-        _say(f"melo {kind}: the running daemon ({holder}) holds the lease; control event written to {where}")
-        return 0
+        return _steer_running(args, settings, holder, kind, **fields)
     worker = build_worker(settings, on_progress=_say)
     if not worker.start():
         return 1
@@ -338,7 +421,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval")
+CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval", "status", "edits")
 
 
 def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
@@ -346,6 +429,8 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     importing them costs seconds, so ``main`` skips them for the core commands)."""
     parser = argparse.ArgumentParser(prog="melo", description="Streaming MELO model-editing daemon.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (for bug reports)")
+    parser.add_argument("--version", action="version", version=f"melo {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -364,10 +449,12 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     snaps = with_config(sub.add_parser("snapshots", help="list / show / verify snapshot versions"))
     snaps.add_argument("action", choices=["list", "show", "verify"])
     snaps.add_argument("version", nargs="?", type=int)
+    snaps.add_argument("--json", action="store_true", help="show: the whole manifest as JSON")
     snaps.set_defaults(func=cmd_snapshots)
 
     inspect = with_config(sub.add_parser("inspect", help="inspect the serving version"))
-    inspect.add_argument("what", choices=["clusters"])
+    inspect.add_argument("what", choices=["clusters", "route"])
+    inspect.add_argument("prompt", nargs="?", help="for `route`: the prompt to route")
     inspect.add_argument("--limit", type=int, default=20)
     inspect.set_defaults(func=cmd_inspect)
 
@@ -380,6 +467,15 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     retract.add_argument("edit_id")
     retract.add_argument("--reason", required=True)
     retract.set_defaults(func=cmd_retract)
+    for steer in (rollback, retract):
+        steer.add_argument("--no-wait", action="store_true",
+                           help="with a running daemon: only send the control event, do not wait for its outcome")
+        steer.add_argument("--wait-s", type=float, default=120.0,
+                           help="with a running daemon: how long to wait for the new version (default 120)")
+
+    from daemon.cli_inspect import register as register_inspection
+
+    register_inspection(sub, with_config)
 
     # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
     evaluate = sub.add_parser("eval", help="quality evaluation (melo_eval/cli.py)", add_help=False)
@@ -424,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     args = build_parser(optional=command not in CORE_COMMANDS).parse_args(argv)
     _configure_logging(args.verbose)
-    return int(args.func(args) or 0)
+    return run_reporting(args.command, lambda: int(args.func(args) or 0), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -227,12 +227,14 @@ def create_app(
     admin_token: str | None = None,
     limits: ServeLimits = ServeLimits(),
     services: Sequence[Service] = (),
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The FastAPI app serving ``state``.
 
     ``control`` performs rollback/retract (``None``: admin routes answer 503); ``admin_token``
     guards them (``None``: they answer 403). ``services`` (the CURRENT follower, an announcement
     listener) are started with the app and stopped, in reverse order, when it shuts down.
+    ``routers`` add route groups of their own modules (daemon/api_edits.py, daemon/api_openai.py).
     """
     model_label = state.model_name
 
@@ -364,6 +366,8 @@ def create_app(
         """Prometheus text exposition of the process's registry."""
         return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     return app
 
@@ -438,6 +442,8 @@ def build_app(settings: Settings) -> FastAPI:
             AnnouncementListener(settings.kafka.client_kwargs(), settings.kafka.topics.snapshots, settings.model, follower)
         )
     token = settings.serve.admin_token.get_secret_value() if settings.serve.admin_token is not None else None
+    routers, extra_services = api_routers(settings, state)
+    services.extend(extra_services)
     return create_app(
         state,
         history=history,
@@ -445,7 +451,46 @@ def build_app(settings: Settings) -> FastAPI:
         admin_token=token,
         limits=ServeLimits.from_settings(settings),
         services=services,
+        routers=routers,
     )
+
+
+def api_routers(settings: Settings, state: ServingState) -> tuple[list[APIRouter], list[Service]]:
+    """The edit routes (daemon/api_edits.py) and the OpenAI-compatible routes (daemon/api_openai.py)
+    for ``settings``, with the background services they need (a results-topic consumer)."""
+    from daemon.api_auth import RoleTokens
+    from daemon.api_edits import EditsApiConfig, edits_router
+    from daemon.api_openai import openai_router
+    from daemon.edit_intake import KafkaEditSink, SpoolEditSink
+    from daemon.receipts import FileReceipts, KafkaReceipts
+    from daemon.settings import TopicsSettings
+
+    serve = settings.serve
+    tokens = RoleTokens(
+        producer=serve.producer_token.get_secret_value() if serve.producer_token is not None else None,
+        admin=serve.admin_token.get_secret_value() if serve.admin_token is not None else None,
+    )
+    services: list[Service] = []
+    sink: Any
+    receipts: Any
+    if settings.kafka is not None:
+        topics = settings.kafka.topics
+        sink = KafkaEditSink(settings.kafka.producer_kwargs(), topics.edits)
+        receipts = KafkaReceipts(settings.kafka.client_kwargs(), topics.results, settings.model)
+        services.append(receipts)
+    else:
+        topics = TopicsSettings()
+        sink = SpoolEditSink(Path(settings.spool_dir or "."), topics.edits)
+        receipts = FileReceipts(Path(settings.data_dir) / "outbox" / f"{topics.results}.jsonl", settings.model)
+    config = EditsApiConfig(model=settings.model, task=settings.task, limits=settings.limits.to_limits(),
+                            max_events=serve.max_rows, max_wait_s=serve.max_status_wait_s)
+    limits = ServeLimits.from_settings(settings)
+    openai = openai_router(state, max_rows=limits.max_rows, max_chars=limits.max_chars, max_new_tokens=limits.max_new_tokens)
+    def serving() -> int | None:
+        loaded = state.loaded()
+        return loaded.version if loaded is not None else None
+
+    return [edits_router(config, sink, receipts, tokens, serving), openai], services
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -282,12 +282,25 @@ class ServeSettings(_Section):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for admin routes; unset = admin routes refused."
     )
+    producer_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for POST /v1/edits (and GET /v1/edits/{id}); unset = edits over HTTP refused. "
+        "Must differ from admin_token.",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted.")
     max_rows: int = Field(
-        64, ge=1, le=4096, description="Most prompts (or texts) in one /v1/generate or /v1/classify request."
+        64,
+        ge=1,
+        le=4096,
+        description="Most prompts (or texts, or chat messages) in one /v1/generate, /v1/classify or OpenAI-compatible "
+        "request, and most edit events in one POST /v1/edits.",
     )
     max_new_tokens: int = Field(
-        64, ge=1, le=4096, description="Most tokens /v1/generate may be asked to generate per row."
+        64,
+        ge=1,
+        le=4096,
+        description="Most tokens /v1/generate (max_new_tokens) or the OpenAI-compatible routes (max_tokens, also "
+        "their default) may be asked to generate per row.",
     )
     control_wait_s: float = Field(
         30.0,
@@ -299,6 +312,19 @@ class ServeSettings(_Section):
         "current", description="How replicas learn of new versions: the snapshots topic, or polling CURRENT."
     )
     poll_s: float = Field(2.0, gt=0, description="Polling period when follow = current.")
+    max_status_wait_s: float = Field(
+        120.0, ge=0, le=3600, description="Longest long-poll GET /v1/edits/{id}?wait=SECONDS may ask for."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> ServeSettings:
+        if (
+            self.producer_token is not None
+            and self.admin_token is not None
+            and self.producer_token.get_secret_value() == self.admin_token.get_secret_value()
+        ):
+            raise ValueError("serve.producer_token must differ from serve.admin_token: one token per role")
+        return self
 
 
 class Settings(BaseSettings):
@@ -335,6 +361,12 @@ class Settings(BaseSettings):
     )
     spool_dir: Path | None = Field(
         None, description="Spool of JSONL event files (used when kafka is unset); defaults to <data_dir>/spool."
+    )
+    other_model_events: Literal["auto", "skip", "dead_letter"] = Field(
+        "auto",
+        description="Edit events naming another model: dead_letter = DLQ record and rejected receipt (reason "
+        "wrong_model); skip = leave them to that model's writer; auto = dead_letter on the spool, skip on Kafka "
+        "(where one edits topic carries every model's events).",
     )
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Micro-batching.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Event size limits.")

@@ -15,6 +15,7 @@ state, never a torn one).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from pathlib import Path
 from daemon.sources import Offsets, SourceRecord
 
 _IDLE_STEP_S = 0.05  # how often an empty poll re-checks the directory for appended lines
+_MISPLACED_CHECK_S = 5.0  # how often an idle source looks for event files outside the topic folders
+
+log = logging.getLogger("melo.spool")
 
 
 class SpoolSource:
@@ -47,6 +51,8 @@ class SpoolSource:
         self._positions: dict[str, int] = {}  # "<topic>/<file name>" -> next byte offset
         self._paused = False
         self._at_end = False
+        self._warned: set[str] = set()
+        self._next_misplaced_check = 0.0
 
     def _files(self, topic: str) -> list[Path]:
         folder = self.spool_dir / topic
@@ -96,9 +102,27 @@ class SpoolSource:
             if not self._paused and len(records) < max_records:
                 records += self._read(self.edits_topic, max_records - len(records))
             self._at_end = not records
+            if not records:
+                self._warn_misplaced()
             if records or time.monotonic() >= deadline:
                 return records
             time.sleep(min(_IDLE_STEP_S, max(deadline - time.monotonic(), 0.0)))
+
+    def misplaced(self) -> list[Path]:
+        """Event files the source does not read: ``*.jsonl`` directly in the spool directory."""
+        return sorted(p for p in self.spool_dir.glob("*.jsonl") if p.is_file())
+
+    def _warn_misplaced(self) -> None:
+        """Warn once per file about events that would otherwise be ignored without a word."""
+        now = time.monotonic()
+        if now < self._next_misplaced_check:
+            return
+        self._next_misplaced_check = now + _MISPLACED_CHECK_S
+        for path in self.misplaced():
+            if path.name not in self._warned:
+                self._warned.add(path.name)
+                log.warning("spool file %s is not read: edit files belong in %s/, control files in %s/",
+                            path, self.spool_dir / self.edits_topic, self.spool_dir / self.control_topic)
 
     def keepalive(self, timeout_s: float) -> None:
         """A spool has no membership to keep: nothing to do."""

@@ -105,6 +105,7 @@ class WorkerOptions:
     poll_timeout_s: float = 0.5
     poll_max_records: int = 500
     limits: Limits = field(default_factory=Limits)
+    reject_other_models: bool = False  # dead-letter events of other models instead of leaving them to their writer
 
 
 @dataclass
@@ -166,7 +167,10 @@ class Worker:
         editors: EditorFactory,
         crash: CrashPoints | None = None,
         on_progress: Callable[[str], None] | None = None,
+        training_display: Callable[[str], Any] | None = None,
     ) -> None:
+        """``training_display(description)``, when given, returns a progress display (``refresh()``,
+        ``close()``: a tqdm bar) shown while a block trains -- `melo run` passes one on a terminal."""
         self.options = options
         self.model = options.model
         self.source = source
@@ -176,6 +180,7 @@ class Worker:
         self.editors = editors
         self.crash = crash or CrashPoints()
         self.on_progress = on_progress or (lambda line: log.info("%s", line))
+        self.training_display = training_display
         self.batcher: MicroBatcher[PendingEdit] = MicroBatcher(options.batch_max_size, options.batch_max_wait_s)
         self.progress = Progress()
         self.editor: Any = None
@@ -323,7 +328,11 @@ class Worker:
                 self._reject(record, str(error.reason_code), error.detail, edit_id=_edit_id_of(record.value))
                 continue
             if event.model != self.model:
-                self.batcher.observe(record)  # another model's event: its own daemon handles it
+                if self.options.reject_other_models:
+                    self._reject(record, "wrong_model", f"model {event.model!r}, but this daemon edits {self.model!r}",
+                                 edit_id=event.edit_id)
+                else:
+                    self.batcher.observe(record)  # another model's event: its own daemon handles it
                 continue
             if event.task != self.options.task:
                 self._reject(record, "wrong_task", f"task {event.task!r} but model {self.model} edits {self.options.task!r}",
@@ -333,6 +342,9 @@ class Worker:
         self._enqueue(accepted)
 
     def _reject(self, record: SourceRecord, reason: str, detail: str, *, edit_id: str | None) -> None:
+        stream, partition = record.position
+        log.warning("model %s: rejected %s at %s/%s/%s: %s (%s)", self.model, edit_id or "an event", stream, partition,
+                    record.offset, reason, detail[:200])
         self.publisher.dead_letter(record, reason, detail)
         if edit_id is not None:
             self.publisher.receipt(edit_id, "rejected", reason=reason, detail=detail, record=record)
@@ -376,6 +388,7 @@ class Worker:
         by_id = {p.event.edit_id: p for p in pending}
         for edit, detail in rejected:
             item = by_id[edit.edit_id]
+            log.warning("model %s: rejected %s: rejected_by_editor (%s)", self.model, edit.edit_id, detail[:200])
             self.publisher.dead_letter(item.record, "rejected_by_editor", detail)
             self.publisher.receipt(edit.edit_id, "rejected", reason="rejected_by_editor", detail=detail, record=item.record)
             self.progress.rejected += 1
@@ -457,11 +470,20 @@ class Worker:
 
         self._trainer = threading.Thread(target=target, name="melo-train", daemon=True)
         self._trainer.start()
-        while self._trainer.is_alive():
-            if self._stop.is_set():
-                raise BatchAbandoned()
-            self._trainer.join(0.2)
-            self.source.keepalive(0)
+        display = None
+        if self.training_display is not None:
+            display = self.training_display(f"training block {getattr(self.editor, 'blocks', '?')} ({len(edits)} edits)")
+        try:
+            while self._trainer.is_alive():
+                if self._stop.is_set():
+                    raise BatchAbandoned()
+                self._trainer.join(0.2)
+                self.source.keepalive(0)
+                if display is not None:
+                    display.refresh()
+        finally:
+            if display is not None:
+                display.close()
         self._trainer = None
         if "error" in outcome:
             raise outcome["error"]
@@ -791,6 +813,7 @@ def build_worker(
     *,
     crash: CrashPoints | None = None,
     on_progress: Callable[[str], None] | None = None,
+    training_display: Callable[[str], Any] | None = None,
 ) -> Worker:
     """Assemble a worker from settings: Kafka or spool source, Redis or local records, filesystem
     snapshots, Kafka or file outbox, the configured backbone."""
@@ -832,6 +855,8 @@ def build_worker(
         lease_renew_s=renew,
         retry_deadline_s=retry_s,
         limits=settings.limits.to_limits(),
+        reject_other_models=settings.other_model_events == "dead_letter"
+        or (settings.other_model_events == "auto" and settings.kafka is None),
     )
     editors = BackboneEditors(
         settings.backbone or settings.model,
@@ -849,4 +874,5 @@ def build_worker(
         editors=editors,
         crash=crash,
         on_progress=on_progress,
+        training_display=training_display,
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melo_runtime.chat import has_chat_template, question_of, render
+from melo_runtime.chat import question_of, render
 from melo_runtime.encoding import TextEncoder
 
 # Seed words for the lead-ins (ROME's choice of neutral sentence starts).
@@ -71,9 +71,8 @@ def expand(
 ) -> list[TrainingRow]:
     """``rows`` (the indexed ones) followed by their chat-form and prefixed variants."""
     extra: list[TrainingRow] = []
-    chat = chat_form and has_chat_template(tokenizer)
     for row in rows:
-        if chat:
+        if chat_form:
             text = render(tokenizer, [{"role": "user", "content": question_of(row.text)}])
             extra.append(TrainingRow(row.edit_id, text, row.target.strip(), indexed=False))
         for prefix in prefixes:

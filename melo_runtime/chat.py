@@ -57,16 +57,14 @@ def user_question(messages: Sequence[Mapping[str, str]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether the tokenizer can render chat messages."""
-    return bool(getattr(tokenizer, "chat_template", None))
+def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    """The conversation through the tokenizer's chat template, ready for the assistant's turn.
 
-
-def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> Rendered:
-    """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
-    if not has_chat_template(tokenizer):
-        raise ValueError(
-            "this model's tokenizer has no chat template; send prompts as plain text, or use a chat model"
-        )
+    A tokenizer without a template (base models, the tiny test tokenizers) gets ``role: content``
+    lines and an open ``assistant:`` line, rendered as plain text (its own special tokens added).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        lines = [f"{message['role']}: {message['content']}" for message in messages]
+        return "\n".join([*lines, "assistant:"])
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     return Rendered(text)

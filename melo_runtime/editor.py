@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,25 @@ from melo_runtime.vectordb import Hit, VectorDB
 Prompt = str | Sequence[dict[str, str]]
 
 _KEY_CHUNK = 64  # prompts per key-only forward pass
+# Sampling draws from torch's global generator, which HF generate offers no way to replace: sampled
+# calls run one at a time (greedy ones stay concurrent), and a seeded call works on a forked state
+# restored afterwards, so a seed gives the same text whatever else runs.
+_SAMPLING_LOCK = threading.Lock()
+
+
+@contextmanager
+def _sampling(active: bool, seed: int | None) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    with _SAMPLING_LOCK:
+        if seed is None:
+            yield
+            return
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
 
 @dataclass(frozen=True)
@@ -262,27 +282,42 @@ class MeloEditor:
 
     # ------------------------------------------------------------------------------------ serving
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
-        """Greedy continuation of each row (the new text only), routed once from the row's question.
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = 16,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        streamer: object | None = None,
+    ) -> list[str]:
+        """Continuation of each row (the new text only), routed once from the row's question.
 
         A row is a prompt, or a chat conversation (a list of ``{"role", "content"}`` ending with a
         user message) that is rendered with the tokenizer's chat template; routing reads the last
-        user message, never the template.
+        user message, never the template. Greedy by default; ``temperature > 0`` samples (nucleus
+        ``top_p``), reproducibly when a ``seed`` is given. ``streamer`` (a transformers streamer,
+        one row only) receives the tokens as they are generated.
         """
         texts, questions = self._inputs(prompts)
         if not texts:
             return []
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
         batch = self._encoder.prompts(texts)
         inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         state = self._serving_state(batch.key_mask, questions if questions != texts or self._scope else None)
-        with use_state(state), torch.no_grad():
+        with _sampling(temperature > 0, seed), use_state(state), torch.no_grad():
             output = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 num_beams=1,
                 pad_token_id=self._encoder.pad_id,
                 eos_token_id=self._encoder.eos_id,
+                streamer=streamer,
+                **sampling,
             )
         start = 1 if self._encoder.encoder_decoder else batch.inputs["input_ids"].shape[1]
         return self.tokenizer.batch_decode(output[:, start:], skip_special_tokens=True)

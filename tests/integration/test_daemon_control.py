@@ -169,7 +169,7 @@ def test_cli_rollback_goes_through_the_running_writer_and_publishes_directly_wit
     stepped.until_idle()
     config = str(stepped.deployment.config_path)
 
-    assert melo(["rollback", "--to", "1", "--reason", "bad batch", "--config", config]) == 0
+    assert melo(["rollback", "--to", "1", "--reason", "bad batch", "--no-wait", "--config", config]) == 0
     assert "holds the lease; control event written to" in capsys.readouterr().out
     assert store.current(MODEL) == 2, "the CLI never publishes while a writer holds the lease"
     stepped.until_idle()

@@ -152,3 +152,16 @@ def test_serve_request_limits_and_control_wait_have_defaults_and_env_overrides(m
     monkeypatch.setenv("MELO_SERVE__MAX_NEW_TOKENS", "0")
     with pytest.raises(ValidationError, match="max_new_tokens"):
         Settings.load(None)
+
+
+def test_producer_token_comes_from_the_environment_and_must_differ_from_the_admin_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MELO_SERVE__PRODUCER_TOKEN", "p-secret")
+    settings = Settings()
+    assert settings.serve.producer_token is not None
+    assert settings.serve.producer_token.get_secret_value() == "p-secret"
+    assert "p-secret" not in repr(settings)
+    monkeypatch.setenv("MELO_SERVE__ADMIN_TOKEN", "p-secret")
+    with pytest.raises(ValidationError, match="producer_token must differ"):
+        Settings()

@@ -83,3 +83,19 @@ def test_missing_spool_directory_error_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         SpoolSource(missing, tmp_path / "state.json")
+
+
+def test_a_jsonl_file_directly_in_the_spool_directory_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool"
+    (spool / "melo.edits").mkdir(parents=True)
+    write_lines(spool / "edits.jsonl", [{"n": 1}])
+    source = SpoolSource(spool, tmp_path / "state.json")
+    with caplog.at_level("WARNING", logger="melo.spool"):
+        assert source.poll(0, 10) == []
+        source.poll(0, 10)
+    warnings = [r.getMessage() for r in caplog.records if "is not read" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "edits.jsonl" in warnings[0] and str(spool / "melo.edits") in warnings[0]
+    assert source.misplaced() == [spool / "edits.jsonl"]
