@@ -18,7 +18,7 @@ import uvicorn
 from daemon.server import build_app
 from daemon.settings import Settings
 from daemon.worker import build_worker
-from tests.services import free_port, wait_until
+from melo_testkit.services import free_port, wait_until
 
 MODEL = "tiny-gpt2"
 PRODUCER = "producer-token-for-tests"

@@ -10,7 +10,7 @@ import pytest
 
 from daemon.client import MeloClient, MeloError
 from tests.integration.api_harness import ADMIN, MODEL, PRODUCER, LiveServer, WriterThread, api_settings
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.integration.api_harness import ADMIN, MODEL, PRODUCER, LiveServer, WriterThread, api_settings
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 AS_PRODUCER = {"Authorization": f"Bearer {PRODUCER}"}
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
@@ -129,7 +129,7 @@ def test_status_of_an_unknown_edit_is_404_and_an_overlong_wait_is_422(server_onl
 
 
 def test_posted_edit_goes_through_kafka_and_its_receipt_comes_back_from_the_results_topic(tmp_path: Path, kafka_broker):
-    from tests.services import create_topics
+    from melo_testkit.services import create_topics
 
     topics = {role: f"api14.{role}" for role in ("edits", "control", "dlq", "results", "forgotten", "snapshots")}
     create_topics(kafka_broker.bootstrap, list(topics.values()))

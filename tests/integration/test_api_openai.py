@@ -16,7 +16,7 @@ import pytest
 
 from daemon.api_openai import StopCutter
 from tests.integration.api_harness import MODEL, PRODUCER, LiveServer, WriterThread, api_settings
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 # Asked as a chat, the edit below is routed on the user's question and answered by its block, which
 # was also trained on the question in chat form.

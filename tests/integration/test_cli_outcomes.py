@@ -19,7 +19,7 @@ import pytest
 
 from daemon.settings import Settings
 from tests.integration.api_harness import MODEL, WriterThread
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
