@@ -1,8 +1,11 @@
 """Routing overhead: edited-model forward time / base-model forward time, by number of edits indexed.
 
-The edited forward is the serving path (``MeloEditor.classify``/``generate`` use it): one forward
-pass in which the key hook searches the cluster index and each row gathers its own block. The
-base forward is the same model call with no editor state. With N edits indexed:
+The edited forward is the serving path (``MeloEditor.classify``/``generate`` use it): the routing
+decision (scope key: the sentence encoder on each prompt, then the searches; paper key: the key
+hook's search inside the forward) and one forward pass in which each row gathers its own block.
+The base forward is the same model call with no editor state. ``--new-tokens N`` times a greedy
+generation of N tokens instead of one forward (routing happens once per request). With N edits
+indexed:
 
 * the benchmark prompts' own keys are indexed, so every row of the timed batch *is* routed to a
   block (the expensive case: search + gather + the low-rank delta);
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from melo_eval import datasets
+from melo_runtime.scope import infer_subject, normalized_subject
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,6 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="prompts per timed forward")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per measurement (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=0, help="time greedy generation of this many tokens (0: one forward)")
     parser.add_argument(
         "--r-init-scale", type=float, default=1.0,
         help="multiply the preset's R_init (1.0 = preset); below 1 keeps crowded prompt keys (tiny models) in "
@@ -49,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def populate(editor, prompt_keys: np.ndarray, n_edits: int, seed: int = 0) -> None:
+def populate(editor, prompts: list[str], prompt_keys: np.ndarray, n_edits: int, seed: int = 0) -> None:
     """Index ``n_edits`` keys (the prompts' own first) over random blocks of ``edits_per_block``."""
     if n_edits == 0:
         return
@@ -67,10 +72,13 @@ def populate(editor, prompt_keys: np.ndarray, n_edits: int, seed: int = 0) -> No
     keys = np.concatenate([prompt_keys[: min(n_edits, len(prompt_keys))], synthetic]).astype(np.float32)
     blocks = [i % n_blocks for i in range(len(keys))]
     editor._db.insert(keys, [f"label-{i}" for i in range(len(keys))], blocks, [f"e{i}" for i in range(len(keys))])  # noqa: SLF001
+    if editor._scope is not None:  # noqa: SLF001 -- the subjects the prompts' keys were made with
+        editor._scope = editor._scope.with_subjects(normalized_subject(infer_subject(p)) for p in prompts)  # noqa: SLF001
 
 
-def time_forward(model, inputs: dict, state, repeats: int) -> float:
-    """Median seconds of ``repeats`` forwards (after one warm-up), inside ``state`` when given."""
+def time_forward(model, inputs: dict, state, repeats: int, new_tokens: int = 0) -> float:
+    """Median seconds of ``repeats`` forwards or ``new_tokens``-token greedy generations (after one
+    warm-up), inside ``state`` when given (``state()`` is called inside the timed region)."""
     from melo_runtime.routing import use_state
 
     timings = []
@@ -78,13 +86,22 @@ def time_forward(model, inputs: dict, state, repeats: int) -> float:
         started = time.perf_counter()
         with torch.no_grad():
             if state is None:
-                model(**inputs)
+                _run(model, inputs, new_tokens)
             else:
                 with use_state(state()):
-                    model(**inputs)
+                    _run(model, inputs, new_tokens)
         if i:
             timings.append(time.perf_counter() - started)
     return statistics.median(timings)
+
+
+def _run(model, inputs: dict, new_tokens: int) -> None:
+    if not new_tokens:
+        model(**inputs)
+        return
+    kwargs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=model.config.eos_token_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,17 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for n_edits in [int(n) for n in args.edits.split(",")]:
         editor = MeloEditor(model, tokenizer, config)
-        prompt_keys = editor._keys(prompts).cpu().numpy()  # noqa: SLF001
-        populate(editor, prompt_keys, n_edits)
+        prompt_keys = editor.keys(prompts).numpy()
+        populate(editor, prompts, prompt_keys, n_edits)
+        scoped = editor.config.key_source == "scope"
         routed = sum(route is not None for route in editor.route(prompts))
         batch = editor._encoder.prompts(prompts)  # noqa: SLF001
         # Interleave base and edited measurements so load changes on the shared CPU hit both alike.
         base_times, edited_times = [], []
         for _ in range(3):
-            base_times.append(time_forward(model, batch.inputs, None, args.repeats))
-            edited_times.append(
-                time_forward(model, batch.inputs, lambda: editor._serving_state(batch.key_mask), args.repeats)  # noqa: SLF001
-            )
+            base_times.append(time_forward(model, batch.inputs, None, args.repeats, args.new_tokens))
+            edited_times.append(time_forward(
+                model, batch.inputs,
+                lambda: editor._serving_state(batch.key_mask, prompts if scoped else None),  # noqa: SLF001
+                args.repeats, args.new_tokens,
+            ))
         base, edited = min(base_times), min(edited_times)
         row = {"edits_indexed": n_edits, "clusters": editor.stats()["clusters"], "blocks": editor.blocks,
                "rows_routed": routed, "batch": len(prompts), "base_ms": base * 1e3, "edited_ms": edited * 1e3,
@@ -119,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"backbone": args.backbone, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    report = {"backbone": args.backbone, "threads": args.threads, "repeats": args.repeats,
+              "key_source": config.key_source, "new_tokens": args.new_tokens, "rows": rows}
     (args.out / "perf_routing.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     lines = ["| edits indexed | clusters | blocks | rows routed | base ms | edited ms | ratio |", "|---|---|---|---|---|---|---|"]
     for r in rows:
