@@ -27,6 +27,7 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/melo run --config examples/embedded.toml --until-idle
+	$(BIN)/python examples/generality_demo.py --config examples/embedded.toml
 
 # Import layers (pyproject.toml [tool.importlinter], picture in docs/architecture.md): seconds.
 lint: install
