@@ -7,9 +7,10 @@ batches of 10 with labels = normalized targets, exactly as the editor does, then
 * ``route_gen_chat``: the same rephrase without the ``Q: ... A:`` wrapper (how a chat user asks);
 * ``leak``: locality probes routed to any edit (NQ questions for zsRE; CounterFact's neighbourhood
   prompts, same relation and another subject);
-* ``leak_same``: *same subject, other question*: the next edit's prompt with its subject replaced by
-  this edit's subject ("When was Luna 1 launched?" for an edit about Luna 1's series), routed to
-  this edit (zsRE only; an upper bound, since a few such questions ask the same thing);
+* ``leak_same``: *same subject, other question*: the next edit's *held-out rephrase* with its
+  subject replaced by this edit's subject ("When did Luna 1 launch?" for an edit about Luna 1's
+  series), routed to this edit. The rephrase is no edit's wording, so this is a held-out question
+  (zsRE only; an upper bound, since a few such questions ask the same thing);
 * ``clusters`` / ``conflicts`` / ``forgotten``: the database's counters after the stream.
 
 Key variants: ``sentence`` (MiniLM embedding of the whole prompt, no subject part), ``scope`` (the
@@ -66,7 +67,9 @@ def same_subject_probes(cases: list[dict]) -> list[tuple[int, str]]:
             continue
         if other["target"] == case["target"] or case["subject"] in other["prompt"]:
             continue
-        probes.append((i, other["prompt"].replace(other["subject"], case["subject"])))
+        if other["subject"] not in other["rephrase"]:
+            continue
+        probes.append((i, other["rephrase"].replace(other["subject"], case["subject"])))
     return probes
 
 

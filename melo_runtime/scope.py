@@ -45,7 +45,7 @@ SUBJECT_SCALE = 4.0
 SUFFIX_SLACK = 3
 ENCODER_MAX_TOKENS = 128
 SCOPE_FORMAT = "melo.scope/1"
-SUBJECT_PLACEHOLDER = "X"
+SUBJECT_PLACEHOLDER = "something"
 
 _WORD = re.compile(r"\w+")
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
