@@ -64,6 +64,11 @@ class MeloMethod:
         """Greedy generation, routed once from the prompt."""
         return self.editor.generate(list(prompts), max_new_tokens=max_new_tokens)
 
+    def chat(self, questions: Sequence[str], max_new_tokens: int = 16) -> list[str]:
+        """Each question asked as the user message of the model's chat template (greedy), routed
+        on the question."""
+        return self.editor.generate([[{"role": "user", "content": q}] for q in questions], max_new_tokens=max_new_tokens)
+
     def classify(self, texts: Sequence[str]) -> list[str]:
         """Predicted labels, routed per row."""
         return self.editor.classify(list(texts))

@@ -5,6 +5,10 @@ After every ``--every`` edits (and after the last) the harness reports, for the 
 * ``es_tf`` / ``es_em``: edit success, teacher-forced token accuracy of the target / free-generation
   exact match (greedy; the continuation must equal the target and end at a word boundary);
 * ``gen_tf`` / ``gen_em``: the same on the held-out rephrases (never shown to the editor);
+* ``chat_gen`` / ``chat_loc`` (melo methods, free generation): the held-out rephrase asked as the
+  user message of the model's chat template (without its ``Q: ... A:`` wrapper) and the reply
+  contains the target; locality probes asked the same way whose reply is unchanged from the
+  unedited model's;
 * ``loc_tf`` / ``loc_em``: locality, whether out-of-scope outputs are unchanged from the unedited
   model. ``loc_tf`` is the teacher-forced token accuracy on the *base model's own* greedy
   continuation, divided per probe by the base model's accuracy on it (below 1 only because targets
@@ -39,6 +43,7 @@ from melo_eval import datasets
 from melo_eval.datasets import EditCase, Stream
 from melo_eval.methods import EditMethod
 from melo_eval.tables import markdown_table
+from melo_runtime.chat import question_of
 
 STREAMS = ("zsre", "counterfact", "hallucination", "scotus", "huffpost")
 
@@ -153,6 +158,7 @@ class Evaluator:
         self.base_locality: list[str] = []
         self.base_locality_tf: list[float] = []
         self.base_labels: list[str] = []
+        self.base_chat: list[str] = []  # the unedited model's chat replies to the locality probes
 
     def record_base(self, method: EditMethod) -> None:
         """Before any edit: the outputs locality compares against."""
@@ -165,6 +171,8 @@ class Evaluator:
             self.base_locality = method.generate(prompts, self.locality_tokens)
             kept = self._kept_locality()
             self.base_locality_tf = method.score([p for p, _ in kept], [b for _, b in kept]) if kept else []
+            if self.generation and hasattr(method, "chat"):
+                self.base_chat = method.chat([question_of(p) for p in prompts], self.locality_tokens)
 
     def _kept_locality(self) -> list[tuple[str, str]]:
         """(prompt, base continuation) for probes whose base continuation is not empty."""
@@ -194,11 +202,23 @@ class Evaluator:
                 if pairs:
                     row["gen_tf"], row["gen_em"] = self._generation_metrics(
                         method, [p for p, _ in pairs], [t for _, t in pairs])
+                    self._chat(method, pairs, row)
             self._locality(method, row)
             if self.stream.retention or self.stream.name == "hallucination":
                 self._perplexities(method, applied, last_batch, row)
         row.update(method.stats())
         return row
+
+    def _chat(self, method: EditMethod, pairs: list[tuple[str, str]], row: dict) -> None:
+        """Chat-form generality and locality, for methods that take chat messages."""
+        if not self.generation or not hasattr(method, "chat"):
+            return
+        tokens = _target_tokens(self.tokenizer, [t for _, t in pairs]) + 4
+        replies = method.chat([question_of(p) for p, _ in pairs], tokens)
+        row["chat_gen"] = _mean([float(t.strip().casefold() in r.casefold()) for r, (_, t) in zip(replies, pairs)])
+        if self.base_chat:
+            now = method.chat([question_of(p.prompt) for p in self.stream.locality], self.locality_tokens)
+            row["chat_loc"] = _mean([float(a == b) for a, b in zip(now, self.base_chat)])
 
     def _locality(self, method: EditMethod, row: dict) -> None:
         if not self.base_locality:
@@ -252,7 +272,7 @@ def replay(method: EditMethod, stream: Stream, evaluator: Evaluator, batch_size:
 
 # -- reporting -----------------------------------------------------------------------------------
 
-COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "loc_tf", "loc_em", "es", "loc", "dev_acc",
+COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "chat_gen", "loc_tf", "loc_em", "chat_loc", "es", "loc", "dev_acc",
            "es_ppl", "err_ppl", "arr_ppl", "loc_ppl", "clusters", "conflicts", "forgotten", "train_seconds")
 
 
