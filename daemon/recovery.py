@@ -7,7 +7,8 @@ record store (Redis or local) is a derived index that may lag the snapshots afte
 trains: every accepted edit lives in exactly one published version, so replay is exactly-once.
 
 Steps (DESIGN.md invariant 2):
-1. acquire the writer lease, waiting while another daemon holds it (its token fences it out);
+1. acquire the writer lease, waiting while another daemon holds it, and record its token in the
+   snapshot store, which from then on refuses the previous writer's publishes (invariant 4);
 2. adopt the newest complete version if a crash left CURRENT one step behind a written manifest;
 3. load CURRENT's files (every sha256 verified) — the caller builds the editor from them;
 4. bring the record store up to that version (applied edit ids, cluster records, version number);
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from daemon.errors import Retryable
+from daemon.errors import Fenced, Retryable
 from daemon.sources import Offsets
 
 log = logging.getLogger("melo.recovery")
@@ -73,6 +74,7 @@ def retry(
 
 def wait_for_lease(
     records: Any,
+    snapshots: Any,
     model: str,
     owner: str,
     ttl_s: float,
@@ -82,11 +84,12 @@ def wait_for_lease(
     retry_deadline_s: float = 60.0,
 ) -> int | None:
     """Block until this process holds the writer lease for ``model``; return its fencing token
-    (None if ``stop`` was set first). Another holder's lease must expire or be released."""
+    (None if ``stop`` was set first). Another holder's lease must expire or be released. The token
+    is newer than any the snapshot store has seen, even if the record store lost its counter."""
     announced = False
     while not stop.is_set():
         token = retry(
-            lambda: records.acquire_lease(model, owner, ttl_s),
+            lambda: records.acquire_lease(model, owner, ttl_s, above=snapshots.fence_token(model)),
             what=f"acquiring the writer lease of {model!r}",
             deadline_s=retry_deadline_s,
             stop=stop,
@@ -101,7 +104,22 @@ def wait_for_lease(
     return None
 
 
-def adopt_latest(snapshots: Any, model: str) -> int | None:
+def fence_snapshots(snapshots: Any, model: str, token: int, owner: str) -> None:
+    """Tell the snapshot store that ``token`` is the newest writer's, fencing out every older writer.
+
+    The lease was acquired above the store's fence, so the store can only have seen a newer token if
+    a writer that is not this process took over in between.
+    """
+    try:
+        snapshots.fence(model, token, owner=owner)
+    except Fenced as error:
+        raise RecoveryError(
+            f"model {model}: writer token {token} is already fenced out ({error}); another writer took over "
+            "while this one started. Nothing was published; restart this process to stand by"
+        ) from None
+
+
+def adopt_latest(snapshots: Any, model: str, token: int | None = None) -> int | None:
     """Return the serving version, first moving CURRENT to the newest manifest if a crash left it behind.
 
     A manifest is written only after all its blobs, so a manifest newer than CURRENT is a complete
@@ -121,7 +139,7 @@ def adopt_latest(snapshots: Any, model: str) -> int | None:
             f"{problems[:3]}; inspect with `melo snapshots verify {newest}` before restarting"
         )
     log.warning("model %s: CURRENT was %s but version %s is complete; adopting it", model, current, newest)
-    snapshots.set_current(model, newest)
+    snapshots.set_current(model, newest, token=token)
     return newest
 
 
@@ -232,10 +250,11 @@ def recover(
     stop: threading.Event,
 ) -> Recovered | None:
     """Run the start-up steps of the module docstring; None if ``stop`` was set while waiting."""
-    token = wait_for_lease(records, model, owner, lease_ttl_s, stop=stop, retry_deadline_s=retry_deadline_s)
+    token = wait_for_lease(records, snapshots, model, owner, lease_ttl_s, stop=stop, retry_deadline_s=retry_deadline_s)
     if token is None:
         return None
-    version = adopt_latest(snapshots, model)
+    fence_snapshots(snapshots, model, token, owner)
+    version = adopt_latest(snapshots, model, token)
     files: dict[str, bytes] | None = None
     offsets: Offsets = {}
     if version is not None:

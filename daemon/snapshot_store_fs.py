@@ -5,6 +5,7 @@
 <root>/<model>/versions/<n>.json           immutable manifest of version n
 <root>/<model>/versions/<n>.marks.jsonl    append-only status marks of version n
 <root>/<model>/CURRENT                     "<n>\n": the serving version
+<root>/<model>/FENCE                       {"token", "owner", "at"}: the newest writer token seen
 <root>/<model>/.lock                       flock held while publishing, marking or deleting
 ```
 
@@ -13,6 +14,11 @@ fsynced; a reader (or a process restarted after kill -9) sees a file completely 
 A manifest is moved into place with link(2), which fails if the name exists: two writers can never
 both publish version n, and the loser gets `VersionConflict`. Publishing and retention hold the
 model's lock, so retention can never delete a blob that a manifest being published is about to use.
+
+Fencing (DESIGN.md invariant 4): every manifest records its writer's fencing token, and FENCE keeps
+the newest token the store has seen (raised by `fence` when a writer takes the lease, and by every
+publish). Under the model's lock, a manifest write or a CURRENT move carrying an older token is
+refused with `Fenced`, so a writer paused past its lease cannot publish after its successor started.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from daemon.durable import TMP_PREFIX, fsync_dir, locked, write_temp
-from daemon.errors import CorruptSnapshot, SnapshotNotFound, VersionConflict
+from daemon.durable import TMP_PREFIX, fsync_dir, locked, replace_file, write_temp
+from daemon.errors import CorruptSnapshot, Fenced, SnapshotNotFound, VersionConflict
 from daemon.snapshots import (
     MANIFEST_FORMAT,
     MARK_STATUSES,
@@ -62,6 +68,10 @@ class FsSnapshotStore:
         refs = {name: FileRef(hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()}
         with self._locked(model):
             manifest = self._build_manifest(model, refs, parent=parent, meta=meta)
+            self._check_fence_locked(
+                model, int(manifest.writer.get("token", 0)), f"publish v{manifest.version}",
+                owner=str(manifest.writer.get("owner", "")),
+            )
             for name, data in files.items():
                 self._put_blob(model, refs[name], data)
             fsync_dir(self._blob_dir(model))
@@ -90,6 +100,10 @@ class FsSnapshotStore:
                 "rollback_of": parent,
             }
             manifest = self._build_manifest(model, dict(old.files), parent=parent, meta=content | meta)
+            self._check_fence_locked(
+                model, int(manifest.writer.get("token", 0)), f"publish v{manifest.version}",
+                owner=str(manifest.writer.get("owner", "")),
+            )
             return self._commit_manifest(manifest, make_current=make_current)
 
     def current(self, model: str) -> int | None:
@@ -105,11 +119,27 @@ class FsSnapshotStore:
             raise CorruptSnapshot(f"{path} holds {text[:40]!r}, expected a version number")
         return int(text)
 
-    def set_current(self, model: str, version: int) -> None:
-        """Atomically point CURRENT at an existing version."""
+    def set_current(self, model: str, version: int, *, token: int | None = None) -> None:
+        """Atomically point CURRENT at an existing version; a writer passes its fencing `token`
+        (an operator's manual move passes none and is not fenced)."""
         with self._locked(model):
             self.manifest(model, version)
+            if token is not None:
+                self._check_fence_locked(model, token, f"move CURRENT to v{version}")
             self._set_current_locked(model, version)
+
+    def fence(self, model: str, token: int, *, owner: str = "") -> None:
+        """Record `token` (just issued with the writer lease) as the newest writer token.
+
+        Raises `Fenced` if the store has already seen a newer token. From now on a publish or
+        CURRENT move under an older token is refused.
+        """
+        with self._locked(model):
+            self._check_fence_locked(model, token, "take over as writer", owner=owner)
+
+    def fence_token(self, model: str) -> int:
+        """The newest writer token this store has seen (0 before any)."""
+        return self._read_fence(model)
 
     def latest(self, model: str) -> int | None:
         """The highest published version (may be ahead of CURRENT), or None."""
@@ -287,6 +317,33 @@ class FsSnapshotStore:
         if make_current:
             self._set_current_locked(model, version)
         return manifest
+
+    def _check_fence_locked(self, model: str, token: int, action: str, *, owner: str = "") -> None:
+        """Refuse `action` under a token older than FENCE; raise FENCE to a newer token (lock held)."""
+        newest = self._read_fence(model)
+        if token < newest:
+            raise Fenced(
+                f"{model}: the snapshot store refuses to {action} under writer token {token}: it has seen token "
+                f"{newest}, so another writer took the lease; this writer must stop publishing"
+            )
+        if token > newest:
+            doc = {"token": token, "owner": owner, "at": _now()}
+            replace_file(self._model_dir(model) / "FENCE", json.dumps(doc).encode("utf-8"))
+
+    def _read_fence(self, model: str) -> int:
+        path = self._model_dir(model) / "FENCE"
+        try:
+            token = json.loads(path.read_bytes())["token"]
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError):
+            raise CorruptSnapshot(
+                f"{path} is not a fence record; stop every writer of {model}, then rewrite it as "
+                '{"token": <the record store\'s newest token>}'
+            ) from None
+        if not isinstance(token, int) or token < 0:
+            raise CorruptSnapshot(f"{path} holds token {token!r}, expected a non-negative integer")
+        return token
 
     def _put_blob(self, model: str, ref: FileRef, data: bytes) -> None:
         path = self._blob_path(model, ref.sha256)

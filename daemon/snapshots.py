@@ -10,6 +10,11 @@ manifest (`versions/<n>.marks.jsonl`); the last mark is the effective status, "n
 
 `daemon.snapshot_store_fs.FsSnapshotStore` is the filesystem implementation; an object-storage
 one would implement the same protocol.
+
+Fencing (DESIGN.md invariant 4): a store remembers the newest writer fencing token it has seen
+(`fence`, and the `writer.token` of every manifest it publishes) and refuses a manifest write or a
+CURRENT move under an older token with `daemon.errors.Fenced`. The record store's fence alone is not
+enough: a writer paused past its lease would publish a snapshot before its record commit is refused.
 """
 
 from __future__ import annotations
@@ -150,8 +155,9 @@ class SnapshotStore(Protocol):
         """Publish version parent+1 (1 when parent is None) holding `files`.
 
         `meta` holds the manifest fields the caller knows (see `META_KEYS`). Only blobs the store
-        lacks are written. Raises `VersionConflict` if that version already exists (another writer
-        got there first), `ValueError` if the manifest would not be schema-valid.
+        lacks are written. Raises `Fenced` if `meta["writer"]["token"]` is older than the newest token
+        the store has seen, `VersionConflict` if that version already exists (another writer got
+        there first), `ValueError` if the manifest would not be schema-valid.
         """
         ...
 
@@ -160,7 +166,7 @@ class SnapshotStore(Protocol):
     ) -> Manifest:
         """Publish version parent+1 (kind "rollback") whose files and stats are version `to_version`'s.
 
-        No blob is copied: the new manifest points at the old blobs.
+        No blob is copied: the new manifest points at the old blobs. Fenced like `publish`.
         """
         ...
 
@@ -168,8 +174,16 @@ class SnapshotStore(Protocol):
         """The version CURRENT names, or None before the first publish."""
         ...
 
-    def set_current(self, model: str, version: int) -> None:
-        """Atomically point CURRENT at an existing version."""
+    def set_current(self, model: str, version: int, *, token: int | None = None) -> None:
+        """Atomically point CURRENT at an existing version; refused (`Fenced`) under a stale writer `token`."""
+        ...
+
+    def fence(self, model: str, token: int, *, owner: str = "") -> None:
+        """Record `token`, just issued with the writer lease, as the newest; `Fenced` if a newer one was seen."""
+        ...
+
+    def fence_token(self, model: str) -> int:
+        """The newest writer token the store has seen (0 before any)."""
         ...
 
     def latest(self, model: str) -> int | None:

@@ -44,6 +44,7 @@ from daemon.recovery import (
     Recovered,
     applied_by_version,
     cluster_records,
+    fence_snapshots,
     manifest_field,
     reconcile,
     recover,
@@ -498,6 +499,9 @@ class Worker:
         started = time.perf_counter()
         try:
             manifest = self.snapshots.publish(self.model, files, parent=self.version, meta=meta)
+        except Fenced as error:
+            metrics.PUBLISH_FAILURES.labels(model=self.model).inc()
+            raise self._fenced_out(error) from error
         except VersionConflict as error:
             metrics.PUBLISH_FAILURES.labels(model=self.model).inc()
             self._lease_lost.set()
@@ -533,16 +537,24 @@ class Worker:
         recovery's reconcile bring the store up to the published version."""
         log.warning("model %s: record store refused version %s (%s); re-acquiring the lease", self.model, new_version, cause)
         token = retry(
-            lambda: self.records.acquire_lease(self.model, self.options.owner, self.options.lease_ttl_s),
+            lambda: self.records.acquire_lease(self.model, self.options.owner, self.options.lease_ttl_s,
+                                               above=self.snapshots.fence_token(self.model)),
             what="re-acquiring the writer lease", deadline_s=self.options.retry_deadline_s, stop=self._stop,
         )
         if token is None or self.snapshots.current(self.model) != new_version:
             self._lease_lost.set()
             raise LeaseLost(f"model {self.model}: another daemon holds the lease now") from cause
+        fence_snapshots(self.snapshots, self.model, int(token), self.options.owner)
         self.token = int(token)
         self._last_renewal = time.monotonic()
         reconcile(self.records, self.snapshots, self.model, self.token, new_version, files,
                   retry_deadline_s=self.options.retry_deadline_s, stop=self._stop)
+
+    def _fenced_out(self, error: Fenced) -> LeaseLost:
+        """The snapshot store saw a newer writer token: this writer was paused past its lease and a
+        successor took over. Nothing was published; stop without touching the stores again."""
+        self._lease_lost.set()
+        return LeaseLost(f"model {self.model}: fenced out by a newer writer ({error})")
 
     def _announce_and_commit(self, manifest: Any, covered: Offsets) -> None:
         self.publisher.announce(manifest if isinstance(manifest, dict) else _manifest_dict(manifest))
@@ -629,6 +641,8 @@ class Worker:
                     meta={"offsets": covered, "writer": {"owner": self.options.owner, "token": int(self.token or 0)},
                           "request_id": request_id, "reason": reason},
                 )
+            except Fenced as error:
+                raise self._fenced_out(error) from error
             except VersionConflict as error:
                 self._lease_lost.set()
                 raise LeaseLost(f"model {self.model}: another writer published version {(self.version or 0) + 1}") from error

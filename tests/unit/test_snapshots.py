@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import CorruptSnapshot, SnapshotNotFound, VersionConflict
+from daemon.errors import CorruptSnapshot, Fenced, SnapshotNotFound, VersionConflict
 from daemon.snapshot_store_fs import FsSnapshotStore
 from daemon.snapshots import Manifest
 
@@ -138,6 +138,30 @@ def test_stale_writer_publishing_on_an_old_parent_conflicts(store: FsSnapshotSto
         store.publish(MODEL, files(3), parent=1, meta=meta())
     with pytest.raises(VersionConflict):
         store.publish(MODEL, files(3), parent=None, meta=meta())
+
+
+def test_a_writer_token_older_than_the_newest_seen_can_neither_publish_nor_move_current(
+    store: FsSnapshotStore,
+) -> None:
+    store.publish(MODEL, files(1), parent=None, meta=meta(writer={"owner": "a", "token": 1}))
+    assert store.fence_token(MODEL) == 1, "every publish records its token"
+    store.fence(MODEL, 2, owner="b")  # b took the lease; a was paused past it
+    before = sorted(p.name for p in (store.root / MODEL / "versions").iterdir())
+    with pytest.raises(Fenced, match="token 1: it has seen token 2"):
+        store.publish(MODEL, files(2), parent=1, meta=meta(writer={"owner": "a", "token": 1}))
+    with pytest.raises(Fenced):
+        store.restore(MODEL, 1, parent=1, meta={"writer": {"owner": "a", "token": 1}})
+    with pytest.raises(Fenced):
+        store.set_current(MODEL, 1, token=1)
+    with pytest.raises(Fenced):
+        store.fence(MODEL, 1)
+    assert sorted(p.name for p in (store.root / MODEL / "versions").iterdir()) == before
+    assert store.current(MODEL) == 1
+
+    manifest = store.publish(MODEL, files(2), parent=1, meta=meta(writer={"owner": "b", "token": 2}))
+    assert (manifest.version, manifest.writer["token"], store.current(MODEL)) == (2, 2, 2)
+    store.publish(MODEL, files(3), parent=2, meta=meta(writer={"owner": "c", "token": 5}))
+    assert FsSnapshotStore(store.root).fence_token(MODEL) == 5, "the high-water mark is durable and only rises"
 
 
 def test_publish_without_make_current_leaves_current_until_set(store: FsSnapshotStore) -> None:
