@@ -6,6 +6,7 @@
 <root>/<model>/versions/<n>.marks.jsonl    append-only status marks of version n
 <root>/<model>/CURRENT                     "<n>\n": the serving version
 <root>/<model>/FENCE                       {"token", "owner", "at"}: the newest writer token seen
+<root>/<model>/ANNOUNCED                   "<n>\n": receipts + announcement of versions <= n were sent
 <root>/<model>/.lock                       flock held while publishing, marking or deleting
 ```
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from datetime import datetime, timezone
@@ -45,6 +47,7 @@ from daemon.snapshots import (
 )
 from schemas import MODEL_NAME, manifest_problems
 
+log = logging.getLogger("melo.snapshots")
 _MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
 _READ_CHUNK = 1 << 20
 
@@ -136,6 +139,26 @@ class FsSnapshotStore:
         """
         with self._locked(model):
             self._check_fence_locked(model, token, "take over as writer", owner=owner)
+
+    def mark_announced(self, model: str, version: int) -> None:
+        """Record that the receipts and announcement of every version up to `version` are durable."""
+        with self._locked(model):
+            if (self.announced(model) or 0) < version:
+                replace_file(self._model_dir(model) / "ANNOUNCED", f"{int(version)}\n".encode("ascii"))
+
+    def announced(self, model: str) -> int | None:
+        """The newest version marked announced; None if the store never recorded one."""
+        path = self._model_dir(model) / "ANNOUNCED"
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            text = ""
+        if not text.isdigit():
+            log.warning("%s holds %r, not a version number; treating it as missing", path, text[:40])
+            return None
+        return int(text)
 
     def fence_token(self, model: str) -> int:
         """The newest writer token this store has seen (0 before any)."""

@@ -186,6 +186,14 @@ class SnapshotStore(Protocol):
         """The newest writer token the store has seen (0 before any)."""
         ...
 
+    def mark_announced(self, model: str, version: int) -> None:
+        """Record that the receipts and announcement of versions up to `version` were sent (never lowers)."""
+        ...
+
+    def announced(self, model: str) -> int | None:
+        """The newest version marked announced; None if none was ever recorded (see daemon.redelivery)."""
+        ...
+
     def latest(self, model: str) -> int | None:
         """The highest published version (may be ahead of CURRENT), or None."""
         ...

@@ -40,6 +40,7 @@ from daemon.batcher import MicroBatcher
 from daemon.crash import CrashPoints
 from daemon.errors import Fenced, Retryable, VersionConflict, VersionMoved
 from daemon.publish import Publisher
+from daemon.redelivery import redeliver
 from daemon.recovery import (
     Recovered,
     applied_by_version,
@@ -223,6 +224,7 @@ class Worker:
         if recovered is None:
             return False
         self._resume_from(recovered)
+        self._redeliver()
         return True
 
     def _resume_from(self, recovered: Recovered) -> None:
@@ -240,6 +242,17 @@ class Worker:
         self.on_progress(
             f"model {self.model}: writer token {self.token}, resuming from version {self.version or 'none'}{replay}"
         )
+
+    def _redeliver(self) -> None:
+        """Re-send receipts and announcements a crash kept from going out, then let the after-publish
+        hooks (the monitor's check) judge CURRENT if it is one of those versions."""
+        resent = redeliver(self.publisher, self.snapshots, self.model, self.version)
+        if resent:
+            self.on_progress(f"model {self.model}: re-sent receipts and announcements of version(s) {resent}")
+        if self.version in resent:
+            manifest = self.snapshots.manifest(self.model, self.version)
+            if manifest_field(manifest, "kind") == "edit":
+                self._run_publish_hooks(manifest, [], frozenset())
 
     def run(self, *, until_idle: bool = False) -> int:
         """Recover, then loop until stopped (or, with ``until_idle``, until the source is drained and
@@ -559,6 +572,7 @@ class Worker:
     def _announce_and_commit(self, manifest: Any, covered: Offsets) -> None:
         self.publisher.announce(manifest if isinstance(manifest, dict) else _manifest_dict(manifest))
         self.publisher.flush()
+        self.snapshots.mark_announced(self.model, int(manifest_field(manifest, "version")))
         self.crash.reached("announced")
         self._commit_source(covered)
         self.refresh_metrics()

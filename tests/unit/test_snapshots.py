@@ -256,3 +256,11 @@ def test_invalid_manifest_metadata_is_refused_before_anything_is_published(store
 def test_model_names_cannot_escape_the_root(store: FsSnapshotStore) -> None:
     with pytest.raises(ValueError, match="not a valid namespace"):
         store.publish("../x", files(1), parent=None, meta=meta())
+
+
+def test_announced_marks_only_rise_and_start_unknown(store: FsSnapshotStore) -> None:
+    store.publish(MODEL, files(1), parent=None, meta=meta())
+    assert store.announced(MODEL) is None, "a store that never recorded an announcement says so"
+    store.mark_announced(MODEL, 1)
+    store.mark_announced(MODEL, 0)
+    assert FsSnapshotStore(store.root).announced(MODEL) == 1
