@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.crash import CrashPoints
     from daemon.monitor import monitor_for_worker
     from daemon.scheduler import start_scheduler
-    from daemon.worker import build_worker
+    from daemon.worker import EXIT_RECOVERY, build_worker
 
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
@@ -99,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = worker.run(until_idle=args.until_idle)
     finally:
         scheduler.shutdown(wait=False)
+    if status == EXIT_RECOVERY:
+        return status  # the log line says what to do; there is nothing to summarise
     _print_summary(settings, worker, monitor, learned, time.monotonic() - started, args.config)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -309,7 +311,8 @@ def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
         _say(f"melo {kind}: the running daemon ({holder}) holds the lease; control event written to {where}")
         return 0
     worker = build_worker(settings, on_progress=_say)
-    if not worker.start():
+    # A rollback is how a corrupt CURRENT is repaired, so it must not need CURRENT to load.
+    if not worker.start(tolerate_corrupt=kind == "rollback"):
         return 1
     try:
         if kind == "rollback":

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from daemon.errors import Fenced, Retryable
+from daemon.errors import CorruptSnapshot, Fenced, Retryable
 from daemon.sources import Offsets
 
 log = logging.getLogger("melo.recovery")
@@ -123,9 +123,14 @@ def adopt_latest(snapshots: Any, model: str, token: int | None = None) -> int | 
     """Return the serving version, first moving CURRENT to the newest manifest if a crash left it behind.
 
     A manifest is written only after all its blobs, so a manifest newer than CURRENT is a complete
-    version whose publisher died before renaming CURRENT; it is adopted if it verifies.
+    version whose publisher died before renaming CURRENT; it is adopted if it verifies. So is the
+    newest version when the CURRENT file itself is unreadable.
     """
-    current = snapshots.current(model)
+    try:
+        current = snapshots.current(model)
+    except CorruptSnapshot as error:  # an unreadable CURRENT file: the newest complete version replaces it
+        log.warning("model %s: %s; treating CURRENT as missing", model, error)
+        current = None
     versions = [int(manifest_field(m, "version")) for m in snapshots.versions(model)]
     if not versions:
         return current
@@ -230,13 +235,51 @@ def reconcile(
 
 @dataclass
 class Recovered:
-    """What the worker resumes from."""
+    """What the worker resumes from. ``corrupt`` says why CURRENT did not load (then ``files`` is
+    None and ``version`` is the newest version, the parent of the rollback that repairs it)."""
 
     token: int
     version: int | None
     files: dict[str, bytes] | None
     offsets: Offsets
     replayed: bool
+    corrupt: str | None = None
+
+
+def newest_verified(snapshots: Any, model: str, below: int) -> int | None:
+    """The newest version older than ``below`` whose every blob verifies, or None."""
+    for manifest in reversed(snapshots.versions(model)):
+        version = int(manifest_field(manifest, "version"))
+        if version < below and not snapshots.verify(model, version):
+            return version
+    return None
+
+
+def corrupt_current_message(snapshots: Any, model: str, latest: int, problem: str) -> str:
+    """One line for an operator: what is broken and the exact command that repairs it."""
+    good = newest_verified(snapshots, model, latest)
+    if good is None:
+        fix = "no older version verifies: restore the snapshot store from a backup (`melo snapshots verify` lists each)"
+    else:
+        fix = (f'roll back to the newest version that verifies: melo rollback --to {good} --reason "version {latest} '
+               'is corrupt" (same --config), then start melo run again')
+    return f"model {model}: the serving version does not load ({problem}); {fix}"
+
+
+def _load_current(
+    snapshots: Any, model: str, token: int, *, tolerate_corrupt: bool
+) -> tuple[int | None, dict[str, bytes] | None, str | None]:
+    """(version, its files, None), or with ``tolerate_corrupt`` (latest version, None, problem)."""
+    try:
+        version = adopt_latest(snapshots, model, token)
+        return version, (snapshots.load_files(model, version) if version is not None else None), None
+    except (CorruptSnapshot, RecoveryError) as error:
+        latest = snapshots.latest(model)
+        if latest is None:
+            raise
+        if not tolerate_corrupt:
+            raise RecoveryError(corrupt_current_message(snapshots, model, latest, str(error))) from None
+        return latest, None, str(error)
 
 
 def recover(
@@ -248,19 +291,27 @@ def recover(
     lease_ttl_s: float,
     retry_deadline_s: float,
     stop: threading.Event,
+    tolerate_corrupt: bool = False,
 ) -> Recovered | None:
-    """Run the start-up steps of the module docstring; None if ``stop`` was set while waiting."""
+    """Run the start-up steps of the module docstring; None if ``stop`` was set while waiting.
+
+    A CURRENT that does not load raises `RecoveryError` naming the rollback that repairs it; with
+    ``tolerate_corrupt`` (a rollback is all the caller will do) recovery goes on without its files.
+    The lease is released when recovery fails, so that rollback can run at once.
+    """
     token = wait_for_lease(records, snapshots, model, owner, lease_ttl_s, stop=stop, retry_deadline_s=retry_deadline_s)
     if token is None:
         return None
-    fence_snapshots(snapshots, model, token, owner)
-    version = adopt_latest(snapshots, model, token)
-    files: dict[str, bytes] | None = None
-    offsets: Offsets = {}
-    if version is not None:
-        files = snapshots.load_files(model, version)
-        offsets = manifest_field(snapshots.manifest(model, version), "offsets") or {}
+    try:
+        fence_snapshots(snapshots, model, token, owner)
+        version, files, corrupt = _load_current(snapshots, model, token, tolerate_corrupt=tolerate_corrupt)
+        offsets: Offsets = {}
+        if version is not None:
+            offsets = manifest_field(snapshots.manifest(model, version), "offsets") or {}
+    except (RecoveryError, CorruptSnapshot):
+        records.release_lease(model, owner, token)
+        raise
     replayed = reconcile(
         records, snapshots, model, token, version, files or {}, retry_deadline_s=retry_deadline_s, stop=stop
     )
-    return Recovered(token=token, version=version, files=files, offsets=offsets, replayed=replayed)
+    return Recovered(token=token, version=version, files=files, offsets=offsets, replayed=replayed, corrupt=corrupt)

@@ -43,6 +43,7 @@ from daemon.publish import Publisher
 from daemon.redelivery import redeliver
 from daemon.recovery import (
     Recovered,
+    RecoveryError,
     applied_by_version,
     cluster_records,
     fence_snapshots,
@@ -65,6 +66,8 @@ EXIT_OK = 0
 MONITOR_REASON_PREFIX = "monitor:"
 EXIT_LEASE_LOST = 3
 EXIT_BACKEND_DOWN = 4
+# Recovery cannot go on by itself (e.g. CURRENT does not load); the log line names the fix.
+EXIT_RECOVERY = 5
 
 
 class LeaseLost(RuntimeError):
@@ -209,8 +212,12 @@ class Worker:
         """True if a training thread is still running after the loop stopped (the CLI exits without it)."""
         return self._trainer is not None and self._trainer.is_alive()
 
-    def start(self) -> bool:
-        """Recover (lease, CURRENT, record store, source position); False if stopped while waiting."""
+    def start(self, *, tolerate_corrupt: bool = False) -> bool:
+        """Recover (lease, CURRENT, record store, source position); False if stopped while waiting.
+
+        ``tolerate_corrupt``: go on when CURRENT does not load, with no editor — only
+        :meth:`rollback` may follow (the CLI's direct rollback repairing a corrupt CURRENT).
+        """
         self.on_progress(f"model {self.model}: waiting for the writer lease as {self.options.owner}")
         recovered = recover(
             self.records,
@@ -220,18 +227,26 @@ class Worker:
             lease_ttl_s=self.options.lease_ttl_s,
             retry_deadline_s=self.options.retry_deadline_s,
             stop=self._stop,
+            tolerate_corrupt=tolerate_corrupt,
         )
         if recovered is None:
             return False
         self._resume_from(recovered)
-        self._redeliver()
+        if recovered.corrupt is None:
+            self._redeliver()
         return True
 
     def _resume_from(self, recovered: Recovered) -> None:
         self.token = recovered.token
         self.version = recovered.version
         self._last_renewal = time.monotonic()
-        self.editor = self.editors.fresh() if recovered.files is None else self.editors.from_files(recovered.files)
+        if recovered.corrupt is not None:
+            self.editor = None
+            self.on_progress(f"model {self.model}: version {self.version} does not load ({recovered.corrupt})")
+        elif recovered.files is None:
+            self.editor = self.editors.fresh()
+        else:
+            self.editor = self.editors.from_files(recovered.files)
         self.source.seek(recovered.offsets)
         self.batcher.reset(recovered.offsets)
         self._committed = recovered.offsets
@@ -276,6 +291,9 @@ class Worker:
         except Retryable as error:
             log.error("model %s: %s", self.model, error)
             return EXIT_BACKEND_DOWN
+        except RecoveryError as error:
+            log.error("%s", error)
+            return EXIT_RECOVERY
         finally:
             self.close()
 
@@ -644,7 +662,10 @@ class Worker:
                 raise ValueError(f"cannot roll back {self.model} to version {to_version}: known versions {sorted(known)}")
             files = self.snapshots.load_files(self.model, to_version)
             restored = self.editors.from_files(files)
-            undone = sorted(self.editor.edit_ids() - restored.edit_ids())
+            # A corrupt CURRENT has no editor: its manifests still say which edits it had applied.
+            reachable = (self.editor.edit_ids() if self.editor is not None
+                         else applied_by_version(self.snapshots, self.model, self.version))
+            undone = sorted(reachable - restored.edit_ids())
             before = applied_by_version(self.snapshots, self.model, self.version)
             after = applied_by_version(self.snapshots, self.model, to_version)
             covered = self.batcher.covered()
@@ -676,6 +697,8 @@ class Worker:
         """Publish a new version without ``edit_id`` (its inputs get the base output again).
         Raises ValueError if the edit is not reachable in the current version."""
         with self._lock:
+            if self.editor is None:
+                raise ValueError(f"version {self.version} of {self.model} does not load: roll back before retracting")
             if edit_id not in self.editor.edit_ids():
                 raise ValueError(f"edit {edit_id!r} is not in version {self.version} of {self.model}: nothing to retract")
             candidate = self.editors.from_files(self.editor.export_files())
