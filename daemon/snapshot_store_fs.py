@@ -6,9 +6,14 @@
 <root>/<model>/versions/<n>.marks.jsonl    append-only status marks of version n
 <root>/<model>/CURRENT                     "<n>\n": the serving version
 <root>/<model>/FENCE                       {"token", "owner", "at"}: the newest writer token seen
+<root>/<model>/HEAD                        {"version", "sha256"}: the newest manifest's hash (chain tip)
 <root>/<model>/ANNOUNCED                   "<n>\n": receipts + announcement of versions <= n were sent
 <root>/<model>/.lock                       flock held while publishing, marking or deleting
 ```
+
+Each manifest records the sha256 of its parent's manifest file (`parent_sha256`), so manifests form a
+hash chain, anchored by HEAD (the newest manifest's hash): `verify(n)` reports manifest n changed
+after version n+1 (or HEAD) recorded its hash.
 
 Every file is written to a temporary name, fsynced, then moved into place, and the directory is
 fsynced; a reader (or a process restarted after kill -9) sees a file completely or not at all.
@@ -217,7 +222,7 @@ class FsSnapshotStore:
             manifest = self.manifest(model, version)
         except (SnapshotNotFound, CorruptSnapshot) as exc:
             return [str(exc)]
-        problems = []
+        problems = self._chain_problems(model, version)
         for name, ref in sorted(manifest.files.items()):
             path = self._blob_path(model, ref.sha256)
             try:
@@ -230,6 +235,41 @@ class FsSnapshotStore:
             elif digest != ref.sha256:
                 problems.append(f"{name}: blob {ref.sha256} content hashes to {digest}")
         return problems
+
+    def _chain_problems(self, model: str, version: int) -> list[str]:
+        """The hash chain at `version`: its manifest file must still hash to what its child recorded."""
+        child_path = self._manifest_path(model, version + 1)
+        try:
+            child = json.loads(child_path.read_bytes())
+            recorded, by = (child.get("parent_sha256"), f"v{version + 1}") if child.get("parent") == version else (None, "")
+        except FileNotFoundError:  # the newest version: HEAD holds its hash
+            head = self._read_json(self._model_dir(model) / "HEAD")
+            recorded, by = (head.get("sha256"), "HEAD") if head.get("version") == version else (None, "")
+        except (ValueError, AttributeError):
+            return []  # a child that is not a manifest: its own verify reports it
+        if recorded is None:
+            return []  # chain start: written before manifests were chained
+        actual = self._manifest_sha256(model, version)
+        if actual != recorded:
+            return [
+                f"manifest {self._manifest_path(model, version)} was changed after it was published: it hashes to "
+                f"{actual}, but {by} recorded {recorded}"
+            ]
+        return []
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any]:
+        try:
+            doc = json.loads(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _manifest_sha256(self, model: str, version: int) -> str | None:
+        try:
+            return hashlib.sha256(self._manifest_path(model, version).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
 
     def mark(self, model: str, version: int, status: Status, *, reason: str = "") -> None:
         """Append a status mark (good | bad | pinned) for `version`."""
@@ -296,6 +336,7 @@ class FsSnapshotStore:
                 "format": MANIFEST_FORMAT,
                 "version": version,
                 "parent": parent,
+                "parent_sha256": None if parent is None else self._manifest_sha256(model, parent),
                 "created_at": _now(),
                 "model": model,
                 "base_model": meta.get("base_model", {"id": "unknown", "weights_sha256": None}),
@@ -337,6 +378,8 @@ class FsSnapshotStore:
         finally:
             tmp.unlink()
         fsync_dir(versions_dir)
+        head = {"version": version, "sha256": hashlib.sha256(final.read_bytes()).hexdigest()}
+        replace_file(self._model_dir(model) / "HEAD", json.dumps(head).encode("utf-8"))
         if make_current:
             self._set_current_locked(model, version)
         return manifest

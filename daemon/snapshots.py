@@ -76,6 +76,8 @@ class Manifest:
     restores_version: int | None = None
     request_id: str | None = None
     reason: str | None = None
+    # sha256 of the parent's manifest file: the hash chain `verify` checks (None: the chain starts here).
+    parent_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON data valid against schemas/manifest.v1.json."""
@@ -83,6 +85,7 @@ class Manifest:
             "format": MANIFEST_FORMAT,
             "version": self.version,
             "parent": self.parent,
+            "parent_sha256": self.parent_sha256,
             "created_at": self.created_at,
             "model": self.model,
             "base_model": self.base_model,
@@ -123,6 +126,7 @@ class Manifest:
             restores_version=doc.get("restores_version"),
             request_id=doc.get("request_id"),
             reason=doc.get("reason"),
+            parent_sha256=doc.get("parent_sha256"),
         )
 
     @property

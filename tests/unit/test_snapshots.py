@@ -264,3 +264,31 @@ def test_announced_marks_only_rise_and_start_unknown(store: FsSnapshotStore) -> 
     store.mark_announced(MODEL, 1)
     store.mark_announced(MODEL, 0)
     assert FsSnapshotStore(store.root).announced(MODEL) == 1
+
+
+def test_manifests_form_a_hash_chain_and_verify_names_an_edited_manifest(store: FsSnapshotStore) -> None:
+    for parent in (None, 1, 2):
+        store.publish(MODEL, files((parent or 0) + 1), parent=parent, meta=meta())
+    assert store.manifest(MODEL, 1).parent_sha256 is None
+    assert all(store.verify(MODEL, v) == [] for v in (1, 2, 3))
+    for version in (2, 3):  # a middle link (checked by its child) and the tip (checked by HEAD)
+        path = store.root / MODEL / "versions" / f"{version}.json"
+        doc = json.loads(path.read_bytes())
+        doc["edit_ids"] = ["forged"]
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+        (problem,) = store.verify(MODEL, version)
+        assert f"versions/{version}.json was changed after it was published" in problem
+    assert store.verify(MODEL, 1) == []
+
+
+def test_a_manifest_written_before_chaining_still_loads_and_starts_the_chain(store: FsSnapshotStore) -> None:
+    store.publish(MODEL, files(1), parent=None, meta=meta())
+    path = store.root / MODEL / "versions" / "1.json"
+    doc = json.loads(path.read_bytes())
+    del doc["parent_sha256"]
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    (store.root / MODEL / "HEAD").unlink()
+    assert store.manifest(MODEL, 1).parent_sha256 is None and store.verify(MODEL, 1) == []
+    store.publish(MODEL, files(2), parent=1, meta=meta())
+    assert store.manifest(MODEL, 2).parent_sha256 is not None
+    assert store.verify(MODEL, 1) == [] and store.verify(MODEL, 2) == []
