@@ -53,7 +53,7 @@ from daemon.recovery import (
     retry,
 )
 from daemon.sources import EventSource, Offsets, SourceRecord
-from schemas import InvalidEvent, Limits, parse_control, parse_edit
+from schemas import InvalidEvent, Limits, Reason, parse_control, parse_edit
 from schemas.events import ControlEvent, EditEvent
 
 if TYPE_CHECKING:
@@ -387,9 +387,25 @@ class Worker:
                 self.batcher.observe(record)
                 self.progress.duplicates += 1
                 metrics.DUPLICATES.labels(model=self.model).inc()
+            elif (refusal := self._editor_refusal(event)) is not None:
+                self._reject(record, *refusal, edit_id=event.edit_id)
             else:
                 self.batcher.add(PendingEdit(event, record), event.edit_id, record)
         self.crash.reached("outbox")
+
+    def _editor_refusal(self, event: EditEvent) -> tuple[str, str] | None:
+        """(reason, detail) if the editor would refuse this edit, e.g. over its token budget: the
+        character limits of schemas/ cannot see tokens, so the budget is checked here, at intake,
+        and a refused edit never enters (and never splits) a batch."""
+        from melo_runtime.editor import TokenLimitError
+
+        try:
+            self.editor.check_edit(_to_edit(event))
+        except TokenLimitError as error:
+            return str(Reason.TOO_MANY_TOKENS), str(error)
+        except ValueError as error:
+            return "rejected_by_editor", str(error)
+        return None
 
     # ----------------------------------------------------------------- batches
 
@@ -462,13 +478,25 @@ class Worker:
                 log.exception("model %s: after-publish hook %r failed on version %s", self.model, hook, self.version)
 
     def _apply(self, edits: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
-        """Train ``edits``; an edit the editor refuses (ValueError) is isolated by bisection so the
-        valid ones still land (each half becomes its own block)."""
+        """Train ``edits``; edits the editor refuses (ValueError) are left out so the valid ones
+        still land as one block. Refusals are found edit by edit without training; only edits that
+        are valid alone but refused together are isolated by bisection (each half its own block)."""
         try:
             return [self._train(edits)], []
         except ValueError as error:
             if len(edits) == 1:
                 return [], [(edits[0], str(error))]
+        rejected: list[tuple[Any, str]] = []
+        for edit in edits:
+            try:
+                self.editor.check_edit(edit)
+            except ValueError as error:
+                rejected.append((edit, str(error)))
+        if rejected:
+            refused = {id(edit) for edit, _ in rejected}
+            good = [edit for edit in edits if id(edit) not in refused]
+            results, more = self._apply(good) if good else ([], [])
+            return results, rejected + more
         middle = len(edits) // 2
         left_results, left_rejected = self._apply(edits[:middle])
         right_results, right_rejected = self._apply(edits[middle:])
