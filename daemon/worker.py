@@ -112,6 +112,8 @@ class WorkerOptions:
     poll_timeout_s: float = 0.5
     poll_max_records: int = 500
     limits: Limits = field(default_factory=Limits)
+    # A writer holding the lease with no partition this long logs a warning (and again at this interval).
+    partitionless_warn_s: float = 60.0
 
 
 @dataclass
@@ -190,6 +192,8 @@ class Worker:
         self._last_renewal = time.monotonic()
         self._trainer: threading.Thread | None = None
         self._publish_hooks: list[PublishHook] = []
+        self._partitionless_since: float | None = None
+        self._last_partition_warning = 0.0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -312,12 +316,14 @@ class Worker:
             except Exception as error:  # noqa: BLE001 - the lease then simply expires after its TTL
                 log.warning("model %s: could not release the lease (it will expire): %s", self.model, error)
         metrics.LEASE_HELD.labels(model=self.model).set(0)
+        metrics.SECONDS_WITHOUT_PARTITIONS.labels(model=self.model).set(0)
 
     # ----------------------------------------------------------------- one turn of the loop
 
     def step(self) -> bool:
         """Poll once and process what is due; True when idle (source drained, nothing pending)."""
         records = self.source.poll(self.options.poll_timeout_s, self.options.poll_max_records)
+        self._watch_partitions()
         with self._lock:
             if records:
                 self.crash.reached("polled")
@@ -331,6 +337,29 @@ class Worker:
                 return False
             self._commit_done_records()
             return True
+
+    def _watch_partitions(self) -> None:
+        """Export the assignment; warn (then every minute) while the lease is held with no partition:
+        such a writer blocks the model and reads nothing (a consumer group stuck after a rebalance)."""
+        assigned = self.source.assigned_partitions()
+        now = time.monotonic()
+        metrics.ASSIGNED_PARTITIONS.labels(model=self.model).set(assigned)
+        if assigned:
+            self._partitionless_since = None
+            metrics.SECONDS_WITHOUT_PARTITIONS.labels(model=self.model).set(0)
+            return
+        if self._partitionless_since is None:
+            self._partitionless_since = self._last_partition_warning = now
+        idle = now - self._partitionless_since
+        metrics.SECONDS_WITHOUT_PARTITIONS.labels(model=self.model).set(idle)
+        warn_s = self.options.partitionless_warn_s
+        if idle >= warn_s and now - self._last_partition_warning >= warn_s:
+            self._last_partition_warning = now
+            log.warning(
+                "model %s: this writer holds the lease but has had no partition assigned for %.0fs; nothing is being "
+                "read. Check the consumer group (kafka-consumer-groups.sh --describe --group <kafka.group_id>) and "
+                "restart this process if the group does not assign it a partition", self.model, idle,
+            )
 
     def _handle(self, records: Sequence[SourceRecord]) -> None:
         accepted: list[tuple[EditEvent, SourceRecord]] = []
