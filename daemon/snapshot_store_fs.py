@@ -251,10 +251,8 @@ class FsSnapshotStore:
             return []  # chain start: written before manifests were chained
         actual = self._manifest_sha256(model, version)
         if actual != recorded:
-            return [
-                f"manifest {self._manifest_path(model, version)} was changed after it was published: it hashes to "
-                f"{actual}, but {by} recorded {recorded}"
-            ]
+            path = self._manifest_path(model, version)
+            return [f"manifest {path} was changed after it was published: it hashes to {actual}, but {by} recorded {recorded}"]
         return []
 
     @staticmethod

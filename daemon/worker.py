@@ -40,7 +40,6 @@ from daemon.batcher import MicroBatcher
 from daemon.crash import CrashPoints
 from daemon.errors import Fenced, Retryable, VersionConflict, VersionMoved
 from daemon.publish import Publisher
-from daemon.redelivery import redeliver
 from daemon.recovery import (
     Recovered,
     RecoveryError,
@@ -52,6 +51,7 @@ from daemon.recovery import (
     recover,
     retry,
 )
+from daemon.redelivery import redeliver
 from daemon.sources import EventSource, Offsets, SourceRecord
 from schemas import InvalidEvent, Limits, Reason, parse_control, parse_edit
 from schemas.events import ControlEvent, EditEvent
@@ -632,7 +632,11 @@ class Worker:
         if token is None or self.snapshots.current(self.model) != new_version:
             self._lease_lost.set()
             raise LeaseLost(f"model {self.model}: another daemon holds the lease now") from cause
-        fence_snapshots(self.snapshots, self.model, int(token), self.options.owner)
+        try:
+            fence_snapshots(self.snapshots, self.model, int(token), self.options.owner)
+        except RecoveryError as error:
+            self._lease_lost.set()
+            raise LeaseLost(str(error)) from cause
         self.token = int(token)
         self._last_renewal = time.monotonic()
         reconcile(self.records, self.snapshots, self.model, self.token, new_version, files,

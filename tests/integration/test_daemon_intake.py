@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.daemon_harness import MODEL, Deployment, assert_exactly_once_and_verified, zsre_events
+from tests.integration.daemon_harness import (
+    MODEL,
+    Deployment,
+    assert_exactly_once_and_verified,
+    zsre_events,
+)
 
 
 def test_edits_over_the_token_budget_are_dead_lettered_and_good_edits_keep_one_block_per_batch(tmp_path: Path) -> None:

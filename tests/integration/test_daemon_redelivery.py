@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon_harness import MODEL, Deployment, assert_exactly_once_and_verified, zsre_events
+from tests.integration.daemon_harness import (
+    MODEL,
+    Deployment,
+    assert_exactly_once_and_verified,
+    zsre_events,
+)
 
 
 @pytest.fixture(params=["kafka", "embedded"])

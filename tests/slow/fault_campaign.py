@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from daemon.crash import STAGES
-from tests.integration.daemon_harness import MODEL, Deployment, kill9, wait_for_log, zsre_events
+from tests.integration.daemon_harness import (
+    MODEL,
+    Deployment,
+    kill9,
+    wait_for_log,
+    zsre_events,
+)
 from tests.services import KafkaBroker, RedisServer
 
 

@@ -16,11 +16,15 @@ from fastapi.testclient import TestClient
 from daemon.control_ops import ChannelControl, SpoolControlSender
 from daemon.server import ServeLimits, create_app
 from daemon.serving_state import ServingState, VersionHistory
-from tests.unit.test_server_api import TOKEN, backbone, client, state, store  # noqa: F401 - shared fixtures
+from tests.unit import test_server_api as api
+
+TOKEN = api.TOKEN
+# The serving API tests' fixtures: a real store of tiny-gpt2 versions and an app over it.
+backbone, store, state, client = api.backbone, api.store, api.state, api.client
 
 
 @pytest.fixture
-def admin_client(state: ServingState, tmp_path: Path) -> Iterator[TestClient]:  # noqa: F811
+def admin_client(state: ServingState, tmp_path: Path) -> Iterator[TestClient]:
     """An app whose admin routes reach a real control channel (the spool), answering at once."""
     state.refresh()
     history = VersionHistory(state)
