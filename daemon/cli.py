@@ -310,9 +310,16 @@ def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
         where = _send_control(settings, kind, args.reason, **fields)
         _say(f"melo {kind}: the running daemon ({holder}) holds the lease; control event written to {where}")
         return 0
+    from daemon.errors import CorruptSnapshot
+    from daemon.recovery import RecoveryError
+
     worker = build_worker(settings, on_progress=_say)
-    # A rollback is how a corrupt CURRENT is repaired, so it must not need CURRENT to load.
-    if not worker.start(tolerate_corrupt=kind == "rollback"):
+    try:
+        # A rollback is how a corrupt CURRENT is repaired, so it must not need CURRENT to load.
+        if not worker.start(tolerate_corrupt=kind == "rollback"):
+            return 1
+    except (RecoveryError, CorruptSnapshot) as error:
+        _say(f"melo {kind}: {error}")
         return 1
     try:
         if kind == "rollback":

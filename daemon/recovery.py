@@ -131,10 +131,9 @@ def adopt_latest(snapshots: Any, model: str, token: int | None = None) -> int | 
     except CorruptSnapshot as error:  # an unreadable CURRENT file: the newest complete version replaces it
         log.warning("model %s: %s; treating CURRENT as missing", model, error)
         current = None
-    versions = [int(manifest_field(m, "version")) for m in snapshots.versions(model)]
-    if not versions:
+    newest = snapshots.latest(model)  # by name: one unreadable old manifest must not stop the writer
+    if newest is None:
         return current
-    newest = max(versions)
     if current is not None and newest <= current:
         return current
     problems = snapshots.verify(model, newest)
@@ -174,8 +173,8 @@ def applied_by_version(snapshots: Any, model: str, version: int | None) -> set[s
         for v in range(1, version + 1):
             try:
                 walk(v)
-            except LookupError:
-                continue  # removed by retention; later versions do not depend on its memo
+            except (LookupError, CorruptSnapshot):
+                continue  # removed by retention or unreadable; only versions built on it need it
     return walk(version)
 
 
@@ -247,10 +246,9 @@ class Recovered:
 
 
 def newest_verified(snapshots: Any, model: str, below: int) -> int | None:
-    """The newest version older than ``below`` whose every blob verifies, or None."""
-    for manifest in reversed(snapshots.versions(model)):
-        version = int(manifest_field(manifest, "version"))
-        if version < below and not snapshots.verify(model, version):
+    """The newest version older than ``below`` whose manifest and blobs verify, or None."""
+    for version in range(below - 1, 0, -1):
+        if not snapshots.verify(model, version):  # a missing or unreadable manifest is a problem too
             return version
     return None
 
@@ -282,6 +280,17 @@ def _load_current(
         return latest, None, str(error)
 
 
+def _covered_offsets(snapshots: Any, model: str, version: int | None) -> Offsets:
+    """The source positions ``version`` covers; for an unreadable manifest, those of the newest
+    readable one below it (its events are read again and deduplicated by the record store)."""
+    for v in range(version or 0, 0, -1):
+        try:
+            return manifest_field(snapshots.manifest(model, v), "offsets") or {}
+        except (CorruptSnapshot, LookupError):
+            continue
+    return {}
+
+
 def recover(
     records: Any,
     snapshots: Any,
@@ -305,9 +314,7 @@ def recover(
     try:
         fence_snapshots(snapshots, model, token, owner)
         version, files, corrupt = _load_current(snapshots, model, token, tolerate_corrupt=tolerate_corrupt)
-        offsets: Offsets = {}
-        if version is not None:
-            offsets = manifest_field(snapshots.manifest(model, version), "offsets") or {}
+        offsets = _covered_offsets(snapshots, model, version)
     except (RecoveryError, CorruptSnapshot):
         records.release_lease(model, owner, token)
         raise

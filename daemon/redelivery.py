@@ -21,7 +21,7 @@ from typing import Any
 
 from daemon.errors import CorruptSnapshot, SnapshotNotFound
 from daemon.publish import Publisher
-from daemon.recovery import cluster_records, manifest_field
+from daemon.recovery import cluster_records
 
 log = logging.getLogger("melo.redelivery")
 
@@ -30,13 +30,12 @@ _GONE_STATUS = {"edit": "forgotten", "rollback": "rolled_back", "retract": "retr
 
 
 def unannounced_versions(snapshots: Any, model: str, current: int | None) -> list[int]:
-    """Retained versions up to ``current`` whose receipts and announcement may not have been sent."""
+    """Versions up to ``current`` whose receipts and announcement may not have been sent."""
     if current is None:
         return []
     announced = snapshots.announced(model)
     start = current if announced is None else announced + 1
-    retained = {int(manifest_field(m, "version")) for m in snapshots.versions(model)}
-    return [v for v in range(start, current + 1) if v in retained]
+    return list(range(start, current + 1))
 
 
 def reachable_edit_ids(snapshots: Any, model: str, version: int | None) -> set[str] | None:
@@ -81,9 +80,15 @@ def redeliver(publisher: Publisher, snapshots: Any, model: str, current: int | N
     versions = unannounced_versions(snapshots, model, current)
     if not versions:
         return []
-    receipts = sum(resend_version(publisher, snapshots, model, v) for v in versions)
+    receipts, resent = 0, []
+    for version in versions:
+        try:
+            receipts += resend_version(publisher, snapshots, model, version)
+            resent.append(version)
+        except (SnapshotNotFound, CorruptSnapshot) as error:  # retained away, or unreadable: nothing to say
+            log.warning("model %s: cannot re-send version %s (%s)", model, version, error)
     publisher.flush()
     snapshots.mark_announced(model, versions[-1])
     log.warning("model %s: re-sent %d receipts and the announcement of version(s) %s (their first send was "
-                "interrupted)", model, receipts, versions)
-    return versions
+                "interrupted)", model, receipts, resent)
+    return resent

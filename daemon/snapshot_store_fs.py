@@ -325,8 +325,10 @@ class FsSnapshotStore:
         unknown = set(meta) - META_KEYS
         if unknown:
             raise ValueError(f"unknown manifest meta keys {sorted(unknown)}: allowed are {sorted(META_KEYS)}")
-        if parent is not None:
-            self.manifest(model, parent)  # the parent must exist: a typo'd parent is a bug, not a new chain
+        if parent is not None and not self._manifest_path(model, parent).is_file():
+            # The parent must exist (a typo'd parent is a bug, not a new chain); it may be unreadable:
+            # a rollback is how a corrupt newest version is repaired.
+            raise SnapshotNotFound(f"{model} has no version {parent} under {self.root}: cannot publish on top of it")
         version = 1 if parent is None else parent + 1
         edit_ids = list(meta.get("edit_ids", []))
         manifest = Manifest.from_dict(

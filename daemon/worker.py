@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from daemon import metrics
 from daemon.batcher import MicroBatcher
 from daemon.crash import CrashPoints
-from daemon.errors import Fenced, Retryable, VersionConflict, VersionMoved
+from daemon.errors import CorruptSnapshot, Fenced, Retryable, SnapshotNotFound, VersionConflict, VersionMoved
 from daemon.publish import Publisher
 from daemon.recovery import (
     Recovered,
@@ -297,6 +297,9 @@ class Worker:
             return EXIT_BACKEND_DOWN
         except RecoveryError as error:
             log.error("%s", error)
+            return EXIT_RECOVERY
+        except CorruptSnapshot as error:  # e.g. an unreadable manifest: restore it from a backup
+            log.error("model %s: %s; restore it, or roll back to a version `melo snapshots verify` passes", self.model, error)
             return EXIT_RECOVERY
         finally:
             self.close()
@@ -718,17 +721,27 @@ class Worker:
         """Publish a new version whose content is ``to_version``'s files; the writer continues from it.
         Receipts mark every edit it undoes ``rolled_back``. Raises ValueError for an unknown version."""
         with self._lock:
-            known = {int(manifest_field(m, "version")) for m in self.snapshots.versions(self.model)}
-            if to_version not in known:
-                raise ValueError(f"cannot roll back {self.model} to version {to_version}: known versions {sorted(known)}")
-            files = self.snapshots.load_files(self.model, to_version)
+            try:
+                files = self.snapshots.load_files(self.model, to_version)
+            except SnapshotNotFound:
+                raise ValueError(
+                    f"cannot roll back {self.model} to version {to_version}: no such version "
+                    f"(latest is {self.snapshots.latest(self.model)}; `melo snapshots list`)"
+                ) from None
+            except CorruptSnapshot as error:
+                raise ValueError(
+                    f"cannot roll back {self.model} to version {to_version}: it does not verify ({error}); "
+                    "pick another version (`melo snapshots verify`)"
+                ) from None
             restored = self.editors.from_files(files)
-            # A corrupt CURRENT has no editor: its manifests still say which edits it had applied.
-            reachable = (self.editor.edit_ids() if self.editor is not None
-                         else applied_by_version(self.snapshots, self.model, self.version))
-            undone = sorted(reachable - restored.edit_ids())
-            before = applied_by_version(self.snapshots, self.model, self.version)
             after = applied_by_version(self.snapshots, self.model, to_version)
+            try:
+                before = applied_by_version(self.snapshots, self.model, self.version)
+            except CorruptSnapshot:  # an unreadable CURRENT manifest: which edits it held is lost with it
+                before = set(after)
+            # A corrupt CURRENT has no editor: its manifests still say which edits it had applied.
+            reachable = self.editor.edit_ids() if self.editor is not None else before
+            undone = sorted(reachable - restored.edit_ids())
             covered = self.batcher.covered()
             self.crash.reached("blobs")
             try:

@@ -69,3 +69,21 @@ def test_an_unreadable_current_file_is_replaced_by_the_newest_verified_version(t
     assert deployment.run() == 0, deployment.log_text()[-3000:]
     assert deployment.store().current(MODEL) == 2
     assert "treating CURRENT as missing" in deployment.log_text()
+
+
+def test_an_unreadable_current_manifest_gets_the_same_one_line_advice_and_rollback_repairs_it(tmp_path: Path) -> None:
+    deployment = Deployment(tmp_path, batch_max_size=4)
+    deployment.write_config()
+    deployment.feed(zsre_events(8))
+    assert deployment.run() == 0, deployment.log_text()[-3000:]
+    (deployment.store().root / MODEL / "versions" / "2.json").write_bytes(b"{not json")
+
+    assert deployment.run() == EXIT_RECOVERY
+    assert 'melo rollback --to 1 --reason "version 2 is corrupt"' in deployment.log_text()
+    assert "Traceback" not in deployment.log_text()
+    assert melo(["rollback", "--to", "1", "--reason", "corrupt manifest", "--config", str(deployment.config_path)]) == 0
+    store = deployment.store()
+    assert (store.current(MODEL), store.manifest(MODEL, 3).restores_version) == (3, 1)
+    deployment.feed(zsre_events(4, start=8))
+    assert deployment.run() == 0, deployment.log_text()[-3000:]
+    assert store.current(MODEL) == 4
