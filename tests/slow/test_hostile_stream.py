@@ -13,7 +13,12 @@ import math
 import random
 from pathlib import Path
 
-from tests.integration.daemon_harness import MODEL, Deployment, assert_exactly_once_and_verified, zsre_events
+from tests.integration.daemon_harness import (
+    MODEL,
+    Deployment,
+    assert_exactly_once_and_verified,
+    zsre_events,
+)
 
 BATCH = 10
 
@@ -26,8 +31,8 @@ def hostile(rng: random.Random, n: int, valid: list[dict]) -> bytes | dict:
     if kind == 1:
         return {**base, "prompt": 42}
     if kind == 2:
-        return ('{"edit_id": "sur-%d", "model": "%s", "task": "generate", "prompt": "\\ud800 x", "target": " y"}'
-                % (n, MODEL)).encode()
+        prompt = "\\ud800 x"  # a JSON escape of a lone surrogate: valid syntax, not a character
+        return f'{{"edit_id": "sur-{n}", "model": "{MODEL}", "task": "generate", "prompt": "{prompt}", "target": " y"}}'.encode()
     if kind == 3:
         return json.dumps({**base, "rephrases": [float("nan")]}).encode()
     if kind == 4:
