@@ -88,6 +88,9 @@ class NoOpEditor:
             iterations_run=0, final_loss=0.0,
         )
 
+    def check_edit(self, edit: Edit) -> None:
+        """Refuse nothing: the control accepts every edit the schema accepted."""
+
     def retract(self, edit_id: str) -> bool:
         """Drop ``edit_id``; False if it is not held."""
         if edit_id not in self._edit_ids:

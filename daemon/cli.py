@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.crash import CrashPoints
     from daemon.monitor import monitor_for_worker
     from daemon.scheduler import start_scheduler
-    from daemon.worker import build_worker
+    from daemon.worker import EXIT_RECOVERY, build_worker
 
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
@@ -123,6 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = worker.run(until_idle=args.until_idle)
     finally:
         scheduler.shutdown(wait=False)
+    if status == EXIT_RECOVERY:
+        return status  # the log line says what to do; there is nothing to summarise
     _print_summary(settings, worker, monitor, learned, time.monotonic() - started, args.config)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -391,8 +393,16 @@ def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
     holder = build_records(settings).lease_holder(settings.model)
     if holder is not None:
         return _steer_running(args, settings, holder, kind, **fields)
+    from daemon.errors import CorruptSnapshot
+    from daemon.recovery import RecoveryError
+
     worker = build_worker(settings, on_progress=_say)
-    if not worker.start():
+    try:
+        # A rollback is how a corrupt CURRENT is repaired, so it must not need CURRENT to load.
+        if not worker.start(tolerate_corrupt=kind == "rollback"):
+            return 1
+    except (RecoveryError, CorruptSnapshot) as error:
+        _say(f"melo {kind}: {error}")
         return 1
     try:
         if kind == "rollback":

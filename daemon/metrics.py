@@ -88,6 +88,18 @@ EDIT_LATENCY = Histogram(
 LEASE_HELD = Gauge(
     "melo_lease_held", "1 while this process holds the model's writer lease.", ["model"], registry=REGISTRY
 )
+ASSIGNED_PARTITIONS = Gauge(
+    "melo_assigned_partitions",
+    "Source partitions assigned to this writer (edits and control topics; the spool counts as 1).",
+    ["model"],
+    registry=REGISTRY,
+)
+SECONDS_WITHOUT_PARTITIONS = Gauge(
+    "melo_seconds_without_partitions",
+    "How long this process has held the writer lease with no source partition assigned (0 otherwise).",
+    ["model"],
+    registry=REGISTRY,
+)
 LAST_COMMIT = Gauge(
     "melo_last_commit_timestamp_seconds", "Unix time of the last committed version.", ["model"], registry=REGISTRY
 )

@@ -35,11 +35,13 @@ class Lease:
 class RecordStore(Protocol):
     """Durable per-model records with a fenced single-writer lease."""
 
-    def acquire_lease(self, model: str, owner: str, ttl_s: float) -> int | None:
+    def acquire_lease(self, model: str, owner: str, ttl_s: float, *, above: int = 0) -> int | None:
         """Take the writer lease if it is free, lapsed or already ours; return the new fencing token.
 
         Returns None while another owner holds a live lease. Every successful call issues a
-        larger token, so a re-acquiring owner fences its own older token too.
+        larger token, so a re-acquiring owner fences its own older token too. The token is also
+        larger than `above` (the snapshot store's fence): a store that lost its counter (Redis back
+        empty) never issues a token the snapshot store would refuse.
         """
         ...
 

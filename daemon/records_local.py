@@ -35,15 +35,15 @@ class LocalRecordStore:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
 
-    def acquire_lease(self, model: str, owner: str, ttl_s: float) -> int | None:
-        """Take the lease if free, lapsed or ours; return a new fencing token, else None."""
+    def acquire_lease(self, model: str, owner: str, ttl_s: float, *, above: int = 0) -> int | None:
+        """Take the lease if free, lapsed or ours; return a new fencing token (> ``above``), else None."""
         _check_ttl(ttl_s)
         with self._locked(model):
             lease = self._read(model, "lease.json", _NO_LEASE)
             now = time.time()
             if lease["owner"] not in (None, owner) and lease["expires_at"] > now:
                 return None
-            token = lease["fence"] + 1
+            token = max(lease["fence"], above) + 1
             self._write(
                 model, "lease.json", {"fence": token, "owner": owner, "token": token, "expires_at": now + ttl_s}
             )

@@ -34,6 +34,7 @@ from schemas import MODEL_NAME
 _ACQUIRE = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return false end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
 local token = redis.call('INCR', KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token)
@@ -104,10 +105,12 @@ class RedisRecordStore:
         self._release = client.register_script(_RELEASE)
         self._commit = client.register_script(_COMMIT)
 
-    def acquire_lease(self, model: str, owner: str, ttl_s: float) -> int | None:
-        """Take the lease if free, lapsed or ours; return a new fencing token, else None."""
+    def acquire_lease(self, model: str, owner: str, ttl_s: float, *, above: int = 0) -> int | None:
+        """Take the lease if free, lapsed or ours; return a new fencing token (> ``above``), else None."""
         with _translated(model):
-            token = self._acquire(keys=[self._key(model, "lease"), self._key(model, "fence")], args=[owner, _ms(ttl_s)])
+            token = self._acquire(
+                keys=[self._key(model, "lease"), self._key(model, "fence")], args=[owner, _ms(ttl_s), int(above)]
+            )
         return None if token is None else int(token)
 
     def renew_lease(self, model: str, owner: str, token: int, ttl_s: float) -> bool:

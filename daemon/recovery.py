@@ -7,7 +7,8 @@ record store (Redis or local) is a derived index that may lag the snapshots afte
 trains: every accepted edit lives in exactly one published version, so replay is exactly-once.
 
 Steps (DESIGN.md invariant 2):
-1. acquire the writer lease, waiting while another daemon holds it (its token fences it out);
+1. acquire the writer lease, waiting while another daemon holds it, and record its token in the
+   snapshot store, which from then on refuses the previous writer's publishes (invariant 4);
 2. adopt the newest complete version if a crash left CURRENT one step behind a written manifest;
 3. load CURRENT's files (every sha256 verified) — the caller builds the editor from them;
 4. bring the record store up to that version (applied edit ids, cluster records, version number);
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from daemon.errors import Retryable
+from daemon.errors import CorruptSnapshot, Fenced, Retryable
 from daemon.sources import Offsets
 
 log = logging.getLogger("melo.recovery")
@@ -73,6 +74,7 @@ def retry(
 
 def wait_for_lease(
     records: Any,
+    snapshots: Any,
     model: str,
     owner: str,
     ttl_s: float,
@@ -82,11 +84,12 @@ def wait_for_lease(
     retry_deadline_s: float = 60.0,
 ) -> int | None:
     """Block until this process holds the writer lease for ``model``; return its fencing token
-    (None if ``stop`` was set first). Another holder's lease must expire or be released."""
+    (None if ``stop`` was set first). Another holder's lease must expire or be released. The token
+    is newer than any the snapshot store has seen, even if the record store lost its counter."""
     announced = False
     while not stop.is_set():
         token = retry(
-            lambda: records.acquire_lease(model, owner, ttl_s),
+            lambda: records.acquire_lease(model, owner, ttl_s, above=snapshots.fence_token(model)),
             what=f"acquiring the writer lease of {model!r}",
             deadline_s=retry_deadline_s,
             stop=stop,
@@ -101,17 +104,36 @@ def wait_for_lease(
     return None
 
 
-def adopt_latest(snapshots: Any, model: str) -> int | None:
+def fence_snapshots(snapshots: Any, model: str, token: int, owner: str) -> None:
+    """Tell the snapshot store that ``token`` is the newest writer's, fencing out every older writer.
+
+    The lease was acquired above the store's fence, so the store can only have seen a newer token if
+    a writer that is not this process took over in between.
+    """
+    try:
+        snapshots.fence(model, token, owner=owner)
+    except Fenced as error:
+        raise RecoveryError(
+            f"model {model}: writer token {token} is already fenced out ({error}); another writer took over "
+            "while this one started. Nothing was published; restart this process to stand by"
+        ) from None
+
+
+def adopt_latest(snapshots: Any, model: str, token: int | None = None) -> int | None:
     """Return the serving version, first moving CURRENT to the newest manifest if a crash left it behind.
 
     A manifest is written only after all its blobs, so a manifest newer than CURRENT is a complete
-    version whose publisher died before renaming CURRENT; it is adopted if it verifies.
+    version whose publisher died before renaming CURRENT; it is adopted if it verifies. So is the
+    newest version when the CURRENT file itself is unreadable.
     """
-    current = snapshots.current(model)
-    versions = [int(manifest_field(m, "version")) for m in snapshots.versions(model)]
-    if not versions:
+    try:
+        current = snapshots.current(model)
+    except CorruptSnapshot as error:  # an unreadable CURRENT file: the newest complete version replaces it
+        log.warning("model %s: %s; treating CURRENT as missing", model, error)
+        current = None
+    newest = snapshots.latest(model)  # by name: one unreadable old manifest must not stop the writer
+    if newest is None:
         return current
-    newest = max(versions)
     if current is not None and newest <= current:
         return current
     problems = snapshots.verify(model, newest)
@@ -121,7 +143,7 @@ def adopt_latest(snapshots: Any, model: str) -> int | None:
             f"{problems[:3]}; inspect with `melo snapshots verify {newest}` before restarting"
         )
     log.warning("model %s: CURRENT was %s but version %s is complete; adopting it", model, current, newest)
-    snapshots.set_current(model, newest)
+    snapshots.set_current(model, newest, token=token)
     return newest
 
 
@@ -151,8 +173,8 @@ def applied_by_version(snapshots: Any, model: str, version: int | None) -> set[s
         for v in range(1, version + 1):
             try:
                 walk(v)
-            except LookupError:
-                continue  # removed by retention; later versions do not depend on its memo
+            except (LookupError, CorruptSnapshot):
+                continue  # removed by retention or unreadable; only versions built on it need it
     return walk(version)
 
 
@@ -212,13 +234,61 @@ def reconcile(
 
 @dataclass
 class Recovered:
-    """What the worker resumes from."""
+    """What the worker resumes from. ``corrupt`` says why CURRENT did not load (then ``files`` is
+    None and ``version`` is the newest version, the parent of the rollback that repairs it)."""
 
     token: int
     version: int | None
     files: dict[str, bytes] | None
     offsets: Offsets
     replayed: bool
+    corrupt: str | None = None
+
+
+def newest_verified(snapshots: Any, model: str, below: int) -> int | None:
+    """The newest version older than ``below`` whose manifest and blobs verify, or None."""
+    for version in range(below - 1, 0, -1):
+        if not snapshots.verify(model, version):  # a missing or unreadable manifest is a problem too
+            return version
+    return None
+
+
+def corrupt_current_message(snapshots: Any, model: str, latest: int, problem: str) -> str:
+    """One line for an operator: what is broken and the exact command that repairs it."""
+    good = newest_verified(snapshots, model, latest)
+    if good is None:
+        fix = "no older version verifies: restore the snapshot store from a backup (`melo snapshots verify` lists each)"
+    else:
+        fix = (f'roll back to the newest version that verifies: melo rollback --to {good} --reason "version {latest} '
+               'is corrupt" (same --config), then start melo run again')
+    return f"model {model}: the serving version does not load ({problem}); {fix}"
+
+
+def _load_current(
+    snapshots: Any, model: str, token: int, *, tolerate_corrupt: bool
+) -> tuple[int | None, dict[str, bytes] | None, str | None]:
+    """(version, its files, None), or with ``tolerate_corrupt`` (latest version, None, problem)."""
+    try:
+        version = adopt_latest(snapshots, model, token)
+        return version, (snapshots.load_files(model, version) if version is not None else None), None
+    except (CorruptSnapshot, RecoveryError) as error:
+        latest = snapshots.latest(model)
+        if latest is None:
+            raise
+        if not tolerate_corrupt:
+            raise RecoveryError(corrupt_current_message(snapshots, model, latest, str(error))) from None
+        return latest, None, str(error)
+
+
+def _covered_offsets(snapshots: Any, model: str, version: int | None) -> Offsets:
+    """The source positions ``version`` covers; for an unreadable manifest, those of the newest
+    readable one below it (its events are read again and deduplicated by the record store)."""
+    for v in range(version or 0, 0, -1):
+        try:
+            return manifest_field(snapshots.manifest(model, v), "offsets") or {}
+        except (CorruptSnapshot, LookupError):
+            continue
+    return {}
 
 
 def recover(
@@ -230,18 +300,25 @@ def recover(
     lease_ttl_s: float,
     retry_deadline_s: float,
     stop: threading.Event,
+    tolerate_corrupt: bool = False,
 ) -> Recovered | None:
-    """Run the start-up steps of the module docstring; None if ``stop`` was set while waiting."""
-    token = wait_for_lease(records, model, owner, lease_ttl_s, stop=stop, retry_deadline_s=retry_deadline_s)
+    """Run the start-up steps of the module docstring; None if ``stop`` was set while waiting.
+
+    A CURRENT that does not load raises `RecoveryError` naming the rollback that repairs it; with
+    ``tolerate_corrupt`` (a rollback is all the caller will do) recovery goes on without its files.
+    The lease is released when recovery fails, so that rollback can run at once.
+    """
+    token = wait_for_lease(records, snapshots, model, owner, lease_ttl_s, stop=stop, retry_deadline_s=retry_deadline_s)
     if token is None:
         return None
-    version = adopt_latest(snapshots, model)
-    files: dict[str, bytes] | None = None
-    offsets: Offsets = {}
-    if version is not None:
-        files = snapshots.load_files(model, version)
-        offsets = manifest_field(snapshots.manifest(model, version), "offsets") or {}
+    try:
+        fence_snapshots(snapshots, model, token, owner)
+        version, files, corrupt = _load_current(snapshots, model, token, tolerate_corrupt=tolerate_corrupt)
+        offsets = _covered_offsets(snapshots, model, version)
+    except (RecoveryError, CorruptSnapshot):
+        records.release_lease(model, owner, token)
+        raise
     replayed = reconcile(
         records, snapshots, model, token, version, files or {}, retry_deadline_s=retry_deadline_s, stop=stop
     )
-    return Recovered(token=token, version=version, files=files, offsets=offsets, replayed=replayed)
+    return Recovered(token=token, version=version, files=files, offsets=offsets, replayed=replayed, corrupt=corrupt)

@@ -15,8 +15,10 @@ Routes (OpenAPI at /openapi.json, docs at /docs):
 
 Bad input is always a 4xx with a message naming the limit: 413 for a body over
 ``serve.max_body_bytes``, 422 for malformed JSON, wrong types, too many rows, over-long rows or
-too many new tokens, 401/403 for admin auth. A request is answered with the version it read when
-it started (see ``daemon.serving_state``).
+too many new tokens, a lone UTF-16 surrogate in a string, 401/403 for admin auth (checked before
+the body is read). A validation error echoes the offending input with NaN / Infinity written as
+strings and lone surrogates escaped, so the answer itself is always valid JSON. A request is
+answered with the version it read when it started (see ``daemon.serving_state``).
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from daemon import metrics
 from daemon.control_ops import ControlError, ControlOps, ControlResult
@@ -84,11 +89,46 @@ class ServeLimits:
         )
 
 
+def _no_lone_surrogate(text: str) -> str:
+    """Refuse a string holding a lone UTF-16 surrogate (a JSON "\\ud800" escape: valid syntax, not a
+    character); tokenizers and UTF-8 encoders cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate at character {exc.start}: send text as UTF-8, or surrogate pairs"
+        ) from None
+    return text
+
+
+# Every free-text field of a request body: a lone surrogate is a 422 naming the field.
+Text = Annotated[str, AfterValidator(_no_lone_surrogate)]
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` (already JSON-like) with non-finite floats as strings and lone surrogates escaped."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 for a body that fails validation, safe to encode whatever the body held."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else [{"msg": str(exc)}]
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
 class GenerateRequest(BaseModel):
     """Greedy continuations of each prompt."""
 
     model_config = ConfigDict(extra="forbid")
-    prompts: list[str] = Field(min_length=1, description="Rows to continue; at most max_rows, each at most max_chars.")
+    prompts: list[Text] = Field(min_length=1, description="Rows to continue; at most max_rows, each at most max_chars.")
     max_new_tokens: int = Field(16, ge=1, description="Tokens to generate per row; at most max_new_tokens.")
 
 
@@ -96,7 +136,7 @@ class ClassifyRequest(BaseModel):
     """Labels for each text."""
 
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(min_length=1, description="Rows to label; at most max_rows, each at most max_chars.")
+    texts: list[Text] = Field(min_length=1, description="Rows to label; at most max_rows, each at most max_chars.")
 
 
 class RouteOut(BaseModel):
@@ -132,14 +172,14 @@ class ClassifyResponse(BaseModel):
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to_version: int = Field(ge=1, le=9007199254740991, description="The version whose content the new version reproduces.")
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: Text = Field(min_length=1, max_length=1000)
     request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RetractRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     edit_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: Text = Field(min_length=1, max_length=1000)
     request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -256,6 +296,7 @@ def create_app(
         description="Serve a MELO-edited model from versioned snapshots; inspect, roll back and retract versions.",
         lifespan=lifespan,
     )
+    app.add_exception_handler(RequestValidationError, _invalid_request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

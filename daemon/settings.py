@@ -49,10 +49,20 @@ class LimitsSettings(_Section):
         64 * 1024, ge=256, le=16 * 1024 * 1024, description="Largest raw event accepted, in bytes."
     )
     max_prompt_chars: int = Field(
-        2000, ge=1, le=20000, description="Longest prompt, rephrase or locality prompt, in characters."
+        2000,
+        ge=1,
+        le=20000,
+        description=(
+            "Longest prompt, rephrase or locality prompt, in characters. Edits must also fit the editor's token "
+            "budget ([melo] max_length_tokens, 256 by default; prompt + target for decoder-only models): the "
+            "writer checks it at intake and dead-letters an edit over it as `too_many_tokens`."
+        ),
     )
     max_target_chars: int = Field(
-        500, ge=1, le=20000, description="Longest target or locality expectation, in characters."
+        500,
+        ge=1,
+        le=20000,
+        description="Longest target or locality expectation, in characters (and see the token budget above).",
     )
     max_rephrases: int = Field(8, ge=0, le=64, description="Most rephrases per edit.")
     max_locality: int = Field(16, ge=0, le=64, description="Most locality probes per edit.")

@@ -5,20 +5,33 @@
 <root>/<model>/versions/<n>.json           immutable manifest of version n
 <root>/<model>/versions/<n>.marks.jsonl    append-only status marks of version n
 <root>/<model>/CURRENT                     "<n>\n": the serving version
+<root>/<model>/FENCE                       {"token", "owner", "at"}: the newest writer token seen
+<root>/<model>/HEAD                        {"version", "sha256"}: the newest manifest's hash (chain tip)
+<root>/<model>/ANNOUNCED                   "<n>\n": receipts + announcement of versions <= n were sent
 <root>/<model>/.lock                       flock held while publishing, marking or deleting
 ```
+
+Each manifest records the sha256 of its parent's manifest file (`parent_sha256`), so manifests form a
+hash chain, anchored by HEAD (the newest manifest's hash): `verify(n)` reports manifest n changed
+after version n+1 (or HEAD) recorded its hash.
 
 Every file is written to a temporary name, fsynced, then moved into place, and the directory is
 fsynced; a reader (or a process restarted after kill -9) sees a file completely or not at all.
 A manifest is moved into place with link(2), which fails if the name exists: two writers can never
 both publish version n, and the loser gets `VersionConflict`. Publishing and retention hold the
 model's lock, so retention can never delete a blob that a manifest being published is about to use.
+
+Fencing (DESIGN.md invariant 4): every manifest records its writer's fencing token, and FENCE keeps
+the newest token the store has seen (raised by `fence` when a writer takes the lease, and by every
+publish). Under the model's lock, a manifest write or a CURRENT move carrying an older token is
+refused with `Fenced`, so a writer paused past its lease cannot publish after its successor started.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from datetime import datetime, timezone
@@ -26,8 +39,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from daemon.durable import TMP_PREFIX, fsync_dir, locked, write_temp
-from daemon.errors import CorruptSnapshot, SnapshotNotFound, VersionConflict
+from daemon.durable import TMP_PREFIX, fsync_dir, locked, replace_file, write_temp
+from daemon.errors import CorruptSnapshot, Fenced, SnapshotNotFound, VersionConflict
 from daemon.snapshots import (
     MANIFEST_FORMAT,
     MARK_STATUSES,
@@ -39,6 +52,7 @@ from daemon.snapshots import (
 )
 from schemas import MODEL_NAME, manifest_problems
 
+log = logging.getLogger("melo.snapshots")
 _MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
 _READ_CHUNK = 1 << 20
 
@@ -62,6 +76,10 @@ class FsSnapshotStore:
         refs = {name: FileRef(hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()}
         with self._locked(model):
             manifest = self._build_manifest(model, refs, parent=parent, meta=meta)
+            self._check_fence_locked(
+                model, int(manifest.writer.get("token", 0)), f"publish v{manifest.version}",
+                owner=str(manifest.writer.get("owner", "")),
+            )
             for name, data in files.items():
                 self._put_blob(model, refs[name], data)
             fsync_dir(self._blob_dir(model))
@@ -90,6 +108,10 @@ class FsSnapshotStore:
                 "rollback_of": parent,
             }
             manifest = self._build_manifest(model, dict(old.files), parent=parent, meta=content | meta)
+            self._check_fence_locked(
+                model, int(manifest.writer.get("token", 0)), f"publish v{manifest.version}",
+                owner=str(manifest.writer.get("owner", "")),
+            )
             return self._commit_manifest(manifest, make_current=make_current)
 
     def current(self, model: str) -> int | None:
@@ -105,11 +127,47 @@ class FsSnapshotStore:
             raise CorruptSnapshot(f"{path} holds {text[:40]!r}, expected a version number")
         return int(text)
 
-    def set_current(self, model: str, version: int) -> None:
-        """Atomically point CURRENT at an existing version."""
+    def set_current(self, model: str, version: int, *, token: int | None = None) -> None:
+        """Atomically point CURRENT at an existing version; a writer passes its fencing `token`
+        (an operator's manual move passes none and is not fenced)."""
         with self._locked(model):
             self.manifest(model, version)
+            if token is not None:
+                self._check_fence_locked(model, token, f"move CURRENT to v{version}")
             self._set_current_locked(model, version)
+
+    def fence(self, model: str, token: int, *, owner: str = "") -> None:
+        """Record `token` (just issued with the writer lease) as the newest writer token.
+
+        Raises `Fenced` if the store has already seen a newer token. From now on a publish or
+        CURRENT move under an older token is refused.
+        """
+        with self._locked(model):
+            self._check_fence_locked(model, token, "take over as writer", owner=owner)
+
+    def mark_announced(self, model: str, version: int) -> None:
+        """Record that the receipts and announcement of every version up to `version` are durable."""
+        with self._locked(model):
+            if (self.announced(model) or 0) < version:
+                replace_file(self._model_dir(model) / "ANNOUNCED", f"{int(version)}\n".encode("ascii"))
+
+    def announced(self, model: str) -> int | None:
+        """The newest version marked announced; None if the store never recorded one."""
+        path = self._model_dir(model) / "ANNOUNCED"
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            text = ""
+        if not text.isdigit():
+            log.warning("%s holds %r, not a version number; treating it as missing", path, text[:40])
+            return None
+        return int(text)
+
+    def fence_token(self, model: str) -> int:
+        """The newest writer token this store has seen (0 before any)."""
+        return self._read_fence(model)
 
     def latest(self, model: str) -> int | None:
         """The highest published version (may be ahead of CURRENT), or None."""
@@ -164,7 +222,7 @@ class FsSnapshotStore:
             manifest = self.manifest(model, version)
         except (SnapshotNotFound, CorruptSnapshot) as exc:
             return [str(exc)]
-        problems = []
+        problems = self._chain_problems(model, version)
         for name, ref in sorted(manifest.files.items()):
             path = self._blob_path(model, ref.sha256)
             try:
@@ -177,6 +235,39 @@ class FsSnapshotStore:
             elif digest != ref.sha256:
                 problems.append(f"{name}: blob {ref.sha256} content hashes to {digest}")
         return problems
+
+    def _chain_problems(self, model: str, version: int) -> list[str]:
+        """The hash chain at `version`: its manifest file must still hash to what its child recorded."""
+        child_path = self._manifest_path(model, version + 1)
+        try:
+            child = json.loads(child_path.read_bytes())
+            recorded, by = (child.get("parent_sha256"), f"v{version + 1}") if child.get("parent") == version else (None, "")
+        except FileNotFoundError:  # the newest version: HEAD holds its hash
+            head = self._read_json(self._model_dir(model) / "HEAD")
+            recorded, by = (head.get("sha256"), "HEAD") if head.get("version") == version else (None, "")
+        except (ValueError, AttributeError):
+            return []  # a child that is not a manifest: its own verify reports it
+        if recorded is None:
+            return []  # chain start: written before manifests were chained
+        actual = self._manifest_sha256(model, version)
+        if actual != recorded:
+            path = self._manifest_path(model, version)
+            return [f"manifest {path} was changed after it was published: it hashes to {actual}, but {by} recorded {recorded}"]
+        return []
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any]:
+        try:
+            doc = json.loads(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _manifest_sha256(self, model: str, version: int) -> str | None:
+        try:
+            return hashlib.sha256(self._manifest_path(model, version).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
 
     def mark(self, model: str, version: int, status: Status, *, reason: str = "") -> None:
         """Append a status mark (good | bad | pinned) for `version`."""
@@ -234,8 +325,10 @@ class FsSnapshotStore:
         unknown = set(meta) - META_KEYS
         if unknown:
             raise ValueError(f"unknown manifest meta keys {sorted(unknown)}: allowed are {sorted(META_KEYS)}")
-        if parent is not None:
-            self.manifest(model, parent)  # the parent must exist: a typo'd parent is a bug, not a new chain
+        if parent is not None and not self._manifest_path(model, parent).is_file():
+            # The parent must exist (a typo'd parent is a bug, not a new chain); it may be unreadable:
+            # a rollback is how a corrupt newest version is repaired.
+            raise SnapshotNotFound(f"{model} has no version {parent} under {self.root}: cannot publish on top of it")
         version = 1 if parent is None else parent + 1
         edit_ids = list(meta.get("edit_ids", []))
         manifest = Manifest.from_dict(
@@ -243,6 +336,7 @@ class FsSnapshotStore:
                 "format": MANIFEST_FORMAT,
                 "version": version,
                 "parent": parent,
+                "parent_sha256": None if parent is None else self._manifest_sha256(model, parent),
                 "created_at": _now(),
                 "model": model,
                 "base_model": meta.get("base_model", {"id": "unknown", "weights_sha256": None}),
@@ -284,9 +378,38 @@ class FsSnapshotStore:
         finally:
             tmp.unlink()
         fsync_dir(versions_dir)
+        head = {"version": version, "sha256": hashlib.sha256(final.read_bytes()).hexdigest()}
+        replace_file(self._model_dir(model) / "HEAD", json.dumps(head).encode("utf-8"))
         if make_current:
             self._set_current_locked(model, version)
         return manifest
+
+    def _check_fence_locked(self, model: str, token: int, action: str, *, owner: str = "") -> None:
+        """Refuse `action` under a token older than FENCE; raise FENCE to a newer token (lock held)."""
+        newest = self._read_fence(model)
+        if token < newest:
+            raise Fenced(
+                f"{model}: the snapshot store refuses to {action} under writer token {token}: it has seen token "
+                f"{newest}, so another writer took the lease; this writer must stop publishing"
+            )
+        if token > newest:
+            doc = {"token": token, "owner": owner, "at": _now()}
+            replace_file(self._model_dir(model) / "FENCE", json.dumps(doc).encode("utf-8"))
+
+    def _read_fence(self, model: str) -> int:
+        path = self._model_dir(model) / "FENCE"
+        try:
+            token = json.loads(path.read_bytes())["token"]
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError):
+            raise CorruptSnapshot(
+                f"{path} is not a fence record; stop every writer of {model}, then rewrite it as "
+                '{"token": <the record store\'s newest token>}'
+            ) from None
+        if not isinstance(token, int) or token < 0:
+            raise CorruptSnapshot(f"{path} holds token {token!r}, expected a non-negative integer")
+        return token
 
     def _put_blob(self, model: str, ref: FileRef, data: bytes) -> None:
         path = self._blob_path(model, ref.sha256)

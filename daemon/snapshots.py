@@ -10,6 +10,11 @@ manifest (`versions/<n>.marks.jsonl`); the last mark is the effective status, "n
 
 `daemon.snapshot_store_fs.FsSnapshotStore` is the filesystem implementation; an object-storage
 one would implement the same protocol.
+
+Fencing (DESIGN.md invariant 4): a store remembers the newest writer fencing token it has seen
+(`fence`, and the `writer.token` of every manifest it publishes) and refuses a manifest write or a
+CURRENT move under an older token with `daemon.errors.Fenced`. The record store's fence alone is not
+enough: a writer paused past its lease would publish a snapshot before its record commit is refused.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class Manifest:
     restores_version: int | None = None
     request_id: str | None = None
     reason: str | None = None
+    # sha256 of the parent's manifest file: the hash chain `verify` checks (None: the chain starts here).
+    parent_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON data valid against schemas/manifest.v1.json."""
@@ -78,6 +85,7 @@ class Manifest:
             "format": MANIFEST_FORMAT,
             "version": self.version,
             "parent": self.parent,
+            "parent_sha256": self.parent_sha256,
             "created_at": self.created_at,
             "model": self.model,
             "base_model": self.base_model,
@@ -118,6 +126,7 @@ class Manifest:
             restores_version=doc.get("restores_version"),
             request_id=doc.get("request_id"),
             reason=doc.get("reason"),
+            parent_sha256=doc.get("parent_sha256"),
         )
 
     @property
@@ -150,8 +159,9 @@ class SnapshotStore(Protocol):
         """Publish version parent+1 (1 when parent is None) holding `files`.
 
         `meta` holds the manifest fields the caller knows (see `META_KEYS`). Only blobs the store
-        lacks are written. Raises `VersionConflict` if that version already exists (another writer
-        got there first), `ValueError` if the manifest would not be schema-valid.
+        lacks are written. Raises `Fenced` if `meta["writer"]["token"]` is older than the newest token
+        the store has seen, `VersionConflict` if that version already exists (another writer got
+        there first), `ValueError` if the manifest would not be schema-valid.
         """
         ...
 
@@ -160,7 +170,7 @@ class SnapshotStore(Protocol):
     ) -> Manifest:
         """Publish version parent+1 (kind "rollback") whose files and stats are version `to_version`'s.
 
-        No blob is copied: the new manifest points at the old blobs.
+        No blob is copied: the new manifest points at the old blobs. Fenced like `publish`.
         """
         ...
 
@@ -168,8 +178,24 @@ class SnapshotStore(Protocol):
         """The version CURRENT names, or None before the first publish."""
         ...
 
-    def set_current(self, model: str, version: int) -> None:
-        """Atomically point CURRENT at an existing version."""
+    def set_current(self, model: str, version: int, *, token: int | None = None) -> None:
+        """Atomically point CURRENT at an existing version; refused (`Fenced`) under a stale writer `token`."""
+        ...
+
+    def fence(self, model: str, token: int, *, owner: str = "") -> None:
+        """Record `token`, just issued with the writer lease, as the newest; `Fenced` if a newer one was seen."""
+        ...
+
+    def fence_token(self, model: str) -> int:
+        """The newest writer token the store has seen (0 before any)."""
+        ...
+
+    def mark_announced(self, model: str, version: int) -> None:
+        """Record that the receipts and announcement of versions up to `version` were sent (never lowers)."""
+        ...
+
+    def announced(self, model: str) -> int | None:
+        """The newest version marked announced; None if none was ever recorded (see daemon.redelivery)."""
         ...
 
     def latest(self, model: str) -> int | None:

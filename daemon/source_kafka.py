@@ -197,6 +197,10 @@ class KafkaSource:
         if self._consumer is not None:
             self._consumer.resume(*self._consumer.assignment())
 
+    def assigned_partitions(self) -> int:
+        """Partitions the consumer group assigns this member now (0 before it joined)."""
+        return 0 if self._consumer is None else len(self._consumer.assignment())
+
     def close(self) -> None:
         """Leave the group without committing anything."""
         if self._consumer is not None:

@@ -167,5 +167,9 @@ class SpoolSource:
         """True when the last poll found no complete unread line."""
         return self._at_end
 
+    def assigned_partitions(self) -> int:
+        """The spool is one partition, always this process's."""
+        return 1
+
     def close(self) -> None:
         """Nothing to release: files are opened per poll."""

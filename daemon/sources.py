@@ -76,6 +76,10 @@ class EventSource(Protocol):
         """True when the last poll found nothing left to read right now (used by ``--until-idle``)."""
         ...
 
+    def assigned_partitions(self) -> int:
+        """How many partitions this process reads now (Kafka: the group's assignment; spool: 1)."""
+        ...
+
     def close(self) -> None:
         """Release connections and files. Commits nothing."""
         ...

@@ -38,19 +38,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 from daemon import metrics
 from daemon.batcher import MicroBatcher
 from daemon.crash import CrashPoints
-from daemon.errors import Fenced, Retryable, VersionConflict, VersionMoved
+from daemon.errors import CorruptSnapshot, Fenced, Retryable, SnapshotNotFound, VersionConflict, VersionMoved
 from daemon.publish import Publisher
 from daemon.recovery import (
     Recovered,
+    RecoveryError,
     applied_by_version,
     cluster_records,
+    fence_snapshots,
     manifest_field,
     reconcile,
     recover,
     retry,
 )
+from daemon.redelivery import redeliver
 from daemon.sources import EventSource, Offsets, SourceRecord
-from schemas import InvalidEvent, Limits, parse_control, parse_edit
+from schemas import InvalidEvent, Limits, Reason, parse_control, parse_edit
 from schemas.events import MONITOR_REASON_PREFIX, ControlEvent, EditEvent
 
 if TYPE_CHECKING:
@@ -61,6 +64,8 @@ log = logging.getLogger("melo.worker")
 EXIT_OK = 0
 EXIT_LEASE_LOST = 3
 EXIT_BACKEND_DOWN = 4
+# Recovery cannot go on by itself (e.g. CURRENT does not load); the log line names the fix.
+EXIT_RECOVERY = 5
 
 
 class LeaseLost(RuntimeError):
@@ -106,6 +111,8 @@ class WorkerOptions:
     poll_max_records: int = 500
     limits: Limits = field(default_factory=Limits)
     reject_other_models: bool = False  # dead-letter events of other models instead of leaving them to their writer
+    # A writer holding the lease with no partition this long logs a warning (and again at this interval).
+    partitionless_warn_s: float = 60.0
 
 
 @dataclass
@@ -194,6 +201,8 @@ class Worker:
         self._last_renewal = time.monotonic()
         self._trainer: threading.Thread | None = None
         self._publish_hooks: list[PublishHook] = []
+        self._partitionless_since: float | None = None
+        self._last_partition_warning = 0.0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -216,8 +225,12 @@ class Worker:
         """True if a training thread is still running after the loop stopped (the CLI exits without it)."""
         return self._trainer is not None and self._trainer.is_alive()
 
-    def start(self) -> bool:
-        """Recover (lease, CURRENT, record store, source position); False if stopped while waiting."""
+    def start(self, *, tolerate_corrupt: bool = False) -> bool:
+        """Recover (lease, CURRENT, record store, source position); False if stopped while waiting.
+
+        ``tolerate_corrupt``: go on when CURRENT does not load, with no editor — only
+        :meth:`rollback` may follow (the CLI's direct rollback repairing a corrupt CURRENT).
+        """
         self.on_progress(f"model {self.model}: waiting for the writer lease as {self.options.owner}")
         recovered = recover(
             self.records,
@@ -227,17 +240,26 @@ class Worker:
             lease_ttl_s=self.options.lease_ttl_s,
             retry_deadline_s=self.options.retry_deadline_s,
             stop=self._stop,
+            tolerate_corrupt=tolerate_corrupt,
         )
         if recovered is None:
             return False
         self._resume_from(recovered)
+        if recovered.corrupt is None:
+            self._redeliver()
         return True
 
     def _resume_from(self, recovered: Recovered) -> None:
         self.token = recovered.token
         self.version = recovered.version
         self._last_renewal = time.monotonic()
-        self.editor = self.editors.fresh() if recovered.files is None else self.editors.from_files(recovered.files)
+        if recovered.corrupt is not None:
+            self.editor = None
+            self.on_progress(f"model {self.model}: version {self.version} does not load ({recovered.corrupt})")
+        elif recovered.files is None:
+            self.editor = self.editors.fresh()
+        else:
+            self.editor = self.editors.from_files(recovered.files)
         self.source.seek(recovered.offsets)
         self.batcher.reset(recovered.offsets)
         self._committed = recovered.offsets
@@ -248,6 +270,17 @@ class Worker:
         self.on_progress(
             f"model {self.model}: writer token {self.token}, resuming from version {self.version or 'none'}{replay}"
         )
+
+    def _redeliver(self) -> None:
+        """Re-send receipts and announcements a crash kept from going out, then let the after-publish
+        hooks (the monitor's check) judge CURRENT if it is one of those versions."""
+        resent = redeliver(self.publisher, self.snapshots, self.model, self.version)
+        if resent:
+            self.on_progress(f"model {self.model}: re-sent receipts and announcements of version(s) {resent}")
+        if self.version in resent:
+            manifest = self.snapshots.manifest(self.model, self.version)
+            if manifest_field(manifest, "kind") == "edit":
+                self._run_publish_hooks(manifest, [], frozenset())
 
     def run(self, *, until_idle: bool = False) -> int:
         """Recover, then loop until stopped (or, with ``until_idle``, until the source is drained and
@@ -271,6 +304,12 @@ class Worker:
         except Retryable as error:
             log.error("model %s: %s", self.model, error)
             return EXIT_BACKEND_DOWN
+        except RecoveryError as error:
+            log.error("%s", error)
+            return EXIT_RECOVERY
+        except CorruptSnapshot as error:  # e.g. an unreadable manifest: restore it from a backup
+            log.error("model %s: %s; restore it, or roll back to a version `melo snapshots verify` passes", self.model, error)
+            return EXIT_RECOVERY
         finally:
             self.close()
 
@@ -289,12 +328,14 @@ class Worker:
             except Exception as error:  # noqa: BLE001 - the lease then simply expires after its TTL
                 log.warning("model %s: could not release the lease (it will expire): %s", self.model, error)
         metrics.LEASE_HELD.labels(model=self.model).set(0)
+        metrics.SECONDS_WITHOUT_PARTITIONS.labels(model=self.model).set(0)
 
     # ----------------------------------------------------------------- one turn of the loop
 
     def step(self) -> bool:
         """Poll once and process what is due; True when idle (source drained, nothing pending)."""
         records = self.source.poll(self.options.poll_timeout_s, self.options.poll_max_records)
+        self._watch_partitions()
         with self._lock:
             if records:
                 self.crash.reached("polled")
@@ -308,6 +349,29 @@ class Worker:
                 return False
             self._commit_done_records()
             return True
+
+    def _watch_partitions(self) -> None:
+        """Export the assignment; warn (then every minute) while the lease is held with no partition:
+        such a writer blocks the model and reads nothing (a consumer group stuck after a rebalance)."""
+        assigned = self.source.assigned_partitions()
+        now = time.monotonic()
+        metrics.ASSIGNED_PARTITIONS.labels(model=self.model).set(assigned)
+        if assigned:
+            self._partitionless_since = None
+            metrics.SECONDS_WITHOUT_PARTITIONS.labels(model=self.model).set(0)
+            return
+        if self._partitionless_since is None:
+            self._partitionless_since = self._last_partition_warning = now
+        idle = now - self._partitionless_since
+        metrics.SECONDS_WITHOUT_PARTITIONS.labels(model=self.model).set(idle)
+        warn_s = self.options.partitionless_warn_s
+        if idle >= warn_s and now - self._last_partition_warning >= warn_s:
+            self._last_partition_warning = now
+            log.warning(
+                "model %s: this writer holds the lease but has had no partition assigned for %.0fs; nothing is being "
+                "read. Check the consumer group (kafka-consumer-groups.sh --describe --group <kafka.group_id>) and "
+                "restart this process if the group does not assign it a partition", self.model, idle,
+            )
 
     def _handle(self, records: Sequence[SourceRecord]) -> None:
         accepted: list[tuple[EditEvent, SourceRecord]] = []
@@ -371,9 +435,25 @@ class Worker:
                 self.batcher.observe(record)
                 self.progress.duplicates += 1
                 metrics.DUPLICATES.labels(model=self.model).inc()
+            elif (refusal := self._editor_refusal(event)) is not None:
+                self._reject(record, *refusal, edit_id=event.edit_id)
             else:
                 self.batcher.add(PendingEdit(event, record), event.edit_id, record)
         self.crash.reached("outbox")
+
+    def _editor_refusal(self, event: EditEvent) -> tuple[str, str] | None:
+        """(reason, detail) if the editor would refuse this edit, e.g. over its token budget: the
+        character limits of schemas/ cannot see tokens, so the budget is checked here, at intake,
+        and a refused edit never enters (and never splits) a batch."""
+        from melo_runtime.editor import TokenLimitError
+
+        try:
+            self.editor.check_edit(_to_edit(event))
+        except TokenLimitError as error:
+            return str(Reason.TOO_MANY_TOKENS), str(error)
+        except ValueError as error:
+            return "rejected_by_editor", str(error)
+        return None
 
     # ----------------------------------------------------------------- batches
 
@@ -447,13 +527,25 @@ class Worker:
                 log.exception("model %s: after-publish hook %r failed on version %s", self.model, hook, self.version)
 
     def _apply(self, edits: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
-        """Train ``edits``; an edit the editor refuses (ValueError) is isolated by bisection so the
-        valid ones still land (each half becomes its own block)."""
+        """Train ``edits``; edits the editor refuses (ValueError) are left out so the valid ones
+        still land as one block. Refusals are found edit by edit without training; only edits that
+        are valid alone but refused together are isolated by bisection (each half its own block)."""
         try:
             return [self._train(edits)], []
         except ValueError as error:
             if len(edits) == 1:
                 return [], [(edits[0], str(error))]
+        rejected: list[tuple[Any, str]] = []
+        for edit in edits:
+            try:
+                self.editor.check_edit(edit)
+            except ValueError as error:
+                rejected.append((edit, str(error)))
+        if rejected:
+            refused = {id(edit) for edit, _ in rejected}
+            good = [edit for edit in edits if id(edit) not in refused]
+            results, more = self._apply(good) if good else ([], [])
+            return results, rejected + more
         middle = len(edits) // 2
         left_results, left_rejected = self._apply(edits[:middle])
         right_results, right_rejected = self._apply(edits[middle:])
@@ -524,6 +616,9 @@ class Worker:
         started = time.perf_counter()
         try:
             manifest = self.snapshots.publish(self.model, files, parent=self.version, meta=meta)
+        except Fenced as error:
+            metrics.PUBLISH_FAILURES.labels(model=self.model).inc()
+            raise self._fenced_out(error) from error
         except VersionConflict as error:
             metrics.PUBLISH_FAILURES.labels(model=self.model).inc()
             self._lease_lost.set()
@@ -559,20 +654,33 @@ class Worker:
         recovery's reconcile bring the store up to the published version."""
         log.warning("model %s: record store refused version %s (%s); re-acquiring the lease", self.model, new_version, cause)
         token = retry(
-            lambda: self.records.acquire_lease(self.model, self.options.owner, self.options.lease_ttl_s),
+            lambda: self.records.acquire_lease(self.model, self.options.owner, self.options.lease_ttl_s,
+                                               above=self.snapshots.fence_token(self.model)),
             what="re-acquiring the writer lease", deadline_s=self.options.retry_deadline_s, stop=self._stop,
         )
         if token is None or self.snapshots.current(self.model) != new_version:
             self._lease_lost.set()
             raise LeaseLost(f"model {self.model}: another daemon holds the lease now") from cause
+        try:
+            fence_snapshots(self.snapshots, self.model, int(token), self.options.owner)
+        except RecoveryError as error:
+            self._lease_lost.set()
+            raise LeaseLost(str(error)) from cause
         self.token = int(token)
         self._last_renewal = time.monotonic()
         reconcile(self.records, self.snapshots, self.model, self.token, new_version, files,
                   retry_deadline_s=self.options.retry_deadline_s, stop=self._stop)
 
+    def _fenced_out(self, error: Fenced) -> LeaseLost:
+        """The snapshot store saw a newer writer token: this writer was paused past its lease and a
+        successor took over. Nothing was published; stop without touching the stores again."""
+        self._lease_lost.set()
+        return LeaseLost(f"model {self.model}: fenced out by a newer writer ({error})")
+
     def _announce_and_commit(self, manifest: Any, covered: Offsets) -> None:
         self.publisher.announce(manifest if isinstance(manifest, dict) else _manifest_dict(manifest))
         self.publisher.flush()
+        self.snapshots.mark_announced(self.model, int(manifest_field(manifest, "version")))
         self.crash.reached("announced")
         self._commit_source(covered)
         self.refresh_metrics()
@@ -639,14 +747,27 @@ class Worker:
         """Publish a new version whose content is ``to_version``'s files; the writer continues from it.
         Receipts mark every edit it undoes ``rolled_back``. Raises ValueError for an unknown version."""
         with self._lock:
-            known = {int(manifest_field(m, "version")) for m in self.snapshots.versions(self.model)}
-            if to_version not in known:
-                raise ValueError(f"cannot roll back {self.model} to version {to_version}: known versions {sorted(known)}")
-            files = self.snapshots.load_files(self.model, to_version)
+            try:
+                files = self.snapshots.load_files(self.model, to_version)
+            except SnapshotNotFound:
+                raise ValueError(
+                    f"cannot roll back {self.model} to version {to_version}: no such version "
+                    f"(latest is {self.snapshots.latest(self.model)}; `melo snapshots list`)"
+                ) from None
+            except CorruptSnapshot as error:
+                raise ValueError(
+                    f"cannot roll back {self.model} to version {to_version}: it does not verify ({error}); "
+                    "pick another version (`melo snapshots verify`)"
+                ) from None
             restored = self.editors.from_files(files)
-            undone = sorted(self.editor.edit_ids() - restored.edit_ids())
-            before = applied_by_version(self.snapshots, self.model, self.version)
             after = applied_by_version(self.snapshots, self.model, to_version)
+            try:
+                before = applied_by_version(self.snapshots, self.model, self.version)
+            except CorruptSnapshot:  # an unreadable CURRENT manifest: which edits it held is lost with it
+                before = set(after)
+            # A corrupt CURRENT has no editor: its manifests still say which edits it had applied.
+            reachable = self.editor.edit_ids() if self.editor is not None else before
+            undone = sorted(reachable - restored.edit_ids())
             covered = self.batcher.covered()
             self.crash.reached("blobs")
             try:
@@ -655,6 +776,8 @@ class Worker:
                     meta={"offsets": covered, "writer": {"owner": self.options.owner, "token": int(self.token or 0)},
                           "request_id": request_id, "reason": reason},
                 )
+            except Fenced as error:
+                raise self._fenced_out(error) from error
             except VersionConflict as error:
                 self._lease_lost.set()
                 raise LeaseLost(f"model {self.model}: another writer published version {(self.version or 0) + 1}") from error
@@ -674,6 +797,8 @@ class Worker:
         """Publish a new version without ``edit_id`` (its inputs get the base output again).
         Raises ValueError if the edit is not reachable in the current version."""
         with self._lock:
+            if self.editor is None:
+                raise ValueError(f"version {self.version} of {self.model} does not load: roll back before retracting")
             if edit_id not in self.editor.edit_ids():
                 raise ValueError(f"edit {edit_id!r} is not in version {self.version} of {self.model}: nothing to retract")
             candidate = self.editors.from_files(self.editor.export_files())

@@ -72,6 +72,10 @@ class _Row:
     subject: str  # normalized subject ("" = none): part of a scope key
 
 
+class TokenLimitError(ValueError):
+    """An edit whose prompt, rephrase or target exceeds ``MeloConfig.max_length_tokens``."""
+
+
 class MeloEditor:
     """A MELO editor over one model (see docs/contracts.md for the public surface)."""
 
@@ -182,6 +186,12 @@ class MeloEditor:
                 final_loss=trained.final_loss,
             )
 
+    def check_edit(self, edit: Edit) -> None:
+        """Raise what ``apply_batch([edit])`` would raise while validating ``edit`` (ValueError, or
+        its subclass TokenLimitError); nothing is trained. Cheap: it only tokenizes."""
+        with self._write_lock:
+            self._validate([edit])
+
     def retract(self, edit_id: str) -> bool:
         """Remove every key of ``edit_id``: its inputs get the base output again. False if unknown."""
         with self._write_lock:
@@ -268,7 +278,7 @@ class MeloEditor:
         limit = self.config.max_length_tokens
         target = 0 if self._label_ids else len(self._encoder.target_ids(edit.target))
         if target > limit:
-            raise ValueError(f"{where}.target is {target} tokens long; max_length_tokens={limit}")
+            raise TokenLimitError(f"{where}.target is {target} tokens long; max_length_tokens={limit}")
         texts = {f"{where}.prompt": edit.prompt}
         texts.update({f"{where}.rephrases[{j}]": text for j, text in enumerate(edit.rephrases)})
         for field, text in texts.items():
@@ -276,7 +286,7 @@ class MeloEditor:
             # Decoder-only models see prompt and target in one sequence.
             total = tokens + (target if self._encoder.causal else 0)
             if total > limit:
-                raise ValueError(
+                raise TokenLimitError(
                     f"{field} is {tokens} tokens long ({total} with the target); max_length_tokens={limit}"
                 )
 

@@ -50,6 +50,8 @@ class Reason(StrEnum):
     FIELD_TOO_LONG = "field_too_long"
     TOO_MANY_ITEMS = "too_many_items"
     METADATA_TOO_LARGE = "metadata_too_large"
+    # Over the editor's token budget (MeloConfig.max_length_tokens); checked by the daemon, which has the tokenizer.
+    TOO_MANY_TOKENS = "too_many_tokens"
 
 
 class InvalidEvent(ValueError):

@@ -87,6 +87,13 @@ class RecordStoreContract:
         with pytest.raises(Fenced):
             store.commit_version(MODEL, first, 0, 1, applied_ids=[], clusters=[], removed_ids=[])
 
+    def test_a_lease_taken_above_the_snapshot_fence_gets_a_larger_token(self, store: RecordStore) -> None:
+        # A store that lost its counter (Redis back empty) must still out-rank the snapshot store's fence.
+        assert store.acquire_lease(MODEL, "a", 30, above=41) == 42
+        assert store.acquire_lease(MODEL, "a", 30, above=10) == 43, "`above` never lowers the counter"
+        store.commit_version(MODEL, 43, 0, 1, applied_ids=["e1"], clusters=[], removed_ids=[])
+        assert store.current_version(MODEL) == 1
+
     def test_renew_keeps_the_lease_and_release_frees_it_at_once(self, store: RecordStore) -> None:
         token = store.acquire_lease(MODEL, "a", 0.5)
         assert store.renew_lease(MODEL, "a", token, 30)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import CorruptSnapshot, SnapshotNotFound, VersionConflict
+from daemon.errors import CorruptSnapshot, Fenced, SnapshotNotFound, VersionConflict
 from daemon.snapshot_store_fs import FsSnapshotStore
 from daemon.snapshots import Manifest
 
@@ -140,6 +140,30 @@ def test_stale_writer_publishing_on_an_old_parent_conflicts(store: FsSnapshotSto
         store.publish(MODEL, files(3), parent=None, meta=meta())
 
 
+def test_a_writer_token_older_than_the_newest_seen_can_neither_publish_nor_move_current(
+    store: FsSnapshotStore,
+) -> None:
+    store.publish(MODEL, files(1), parent=None, meta=meta(writer={"owner": "a", "token": 1}))
+    assert store.fence_token(MODEL) == 1, "every publish records its token"
+    store.fence(MODEL, 2, owner="b")  # b took the lease; a was paused past it
+    before = sorted(p.name for p in (store.root / MODEL / "versions").iterdir())
+    with pytest.raises(Fenced, match="token 1: it has seen token 2"):
+        store.publish(MODEL, files(2), parent=1, meta=meta(writer={"owner": "a", "token": 1}))
+    with pytest.raises(Fenced):
+        store.restore(MODEL, 1, parent=1, meta={"writer": {"owner": "a", "token": 1}})
+    with pytest.raises(Fenced):
+        store.set_current(MODEL, 1, token=1)
+    with pytest.raises(Fenced):
+        store.fence(MODEL, 1)
+    assert sorted(p.name for p in (store.root / MODEL / "versions").iterdir()) == before
+    assert store.current(MODEL) == 1
+
+    manifest = store.publish(MODEL, files(2), parent=1, meta=meta(writer={"owner": "b", "token": 2}))
+    assert (manifest.version, manifest.writer["token"], store.current(MODEL)) == (2, 2, 2)
+    store.publish(MODEL, files(3), parent=2, meta=meta(writer={"owner": "c", "token": 5}))
+    assert FsSnapshotStore(store.root).fence_token(MODEL) == 5, "the high-water mark is durable and only rises"
+
+
 def test_publish_without_make_current_leaves_current_until_set(store: FsSnapshotStore) -> None:
     store.publish(MODEL, files(1), parent=None, meta=meta())
     store.publish(MODEL, files(2), parent=1, meta=meta(), make_current=False)
@@ -232,3 +256,39 @@ def test_invalid_manifest_metadata_is_refused_before_anything_is_published(store
 def test_model_names_cannot_escape_the_root(store: FsSnapshotStore) -> None:
     with pytest.raises(ValueError, match="not a valid namespace"):
         store.publish("../x", files(1), parent=None, meta=meta())
+
+
+def test_announced_marks_only_rise_and_start_unknown(store: FsSnapshotStore) -> None:
+    store.publish(MODEL, files(1), parent=None, meta=meta())
+    assert store.announced(MODEL) is None, "a store that never recorded an announcement says so"
+    store.mark_announced(MODEL, 1)
+    store.mark_announced(MODEL, 0)
+    assert FsSnapshotStore(store.root).announced(MODEL) == 1
+
+
+def test_manifests_form_a_hash_chain_and_verify_names_an_edited_manifest(store: FsSnapshotStore) -> None:
+    for parent in (None, 1, 2):
+        store.publish(MODEL, files((parent or 0) + 1), parent=parent, meta=meta())
+    assert store.manifest(MODEL, 1).parent_sha256 is None
+    assert all(store.verify(MODEL, v) == [] for v in (1, 2, 3))
+    for version in (2, 3):  # a middle link (checked by its child) and the tip (checked by HEAD)
+        path = store.root / MODEL / "versions" / f"{version}.json"
+        doc = json.loads(path.read_bytes())
+        doc["edit_ids"] = ["forged"]
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+        (problem,) = store.verify(MODEL, version)
+        assert f"versions/{version}.json was changed after it was published" in problem
+    assert store.verify(MODEL, 1) == []
+
+
+def test_a_manifest_written_before_chaining_still_loads_and_starts_the_chain(store: FsSnapshotStore) -> None:
+    store.publish(MODEL, files(1), parent=None, meta=meta())
+    path = store.root / MODEL / "versions" / "1.json"
+    doc = json.loads(path.read_bytes())
+    del doc["parent_sha256"]
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    (store.root / MODEL / "HEAD").unlink()
+    assert store.manifest(MODEL, 1).parent_sha256 is None and store.verify(MODEL, 1) == []
+    store.publish(MODEL, files(2), parent=1, meta=meta())
+    assert store.manifest(MODEL, 2).parent_sha256 is not None
+    assert store.verify(MODEL, 1) == [] and store.verify(MODEL, 2) == []
