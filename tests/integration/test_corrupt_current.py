@@ -13,7 +13,7 @@ import pytest
 
 from daemon.cli import main as melo
 from daemon.worker import EXIT_RECOVERY
-from tests.integration.daemon_harness import MODEL, Deployment, zsre_events
+from melo_testkit.daemon_harness import MODEL, Deployment, zsre_events
 
 
 def flip_a_byte_only_the_newest_version_uses(deployment: Deployment) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     MODEL,
     Deployment,
     assert_exactly_once_and_verified,
@@ -22,7 +22,7 @@ from tests.integration.daemon_harness import (
     wait_for_log,
     zsre_events,
 )
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 
 @pytest.fixture(params=["kafka", "embedded"])

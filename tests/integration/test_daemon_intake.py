@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     MODEL,
     Deployment,
     assert_exactly_once_and_verified,

@@ -17,7 +17,7 @@ from kafka import KafkaConsumer
 
 from daemon import metrics
 from daemon.worker import build_worker
-from tests.integration.daemon_harness import MODEL, Deployment
+from melo_testkit.daemon_harness import MODEL, Deployment
 
 
 def gauge(metric, model: str = MODEL) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     MODEL,
     Deployment,
     assert_exactly_once_and_verified,

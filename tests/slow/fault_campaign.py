@@ -1,7 +1,7 @@
 """Fault campaign: many kill -9 of the writer over one stream, then count what was lost or doubled.
 
-Starts its own Redis and Kafka-protocol broker on loopback ports (tests/services.py), writes a
-Kafka + Redis deployment of tiny-gpt2 (tests/integration/daemon_harness.py), and repeats: produce a
+Starts its own Redis and Kafka-protocol broker on loopback ports (melo_testkit/services.py), writes a
+Kafka + Redis deployment of tiny-gpt2 (melo_testkit/daemon_harness.py), and repeats: produce a
 random chunk of zsRE edits, start ``melo run``, kill it with SIGKILL at a random moment after it
 took the lease — or let it crash itself at a random stage of its loop (``MELO_CRASH_AT``, also an
 ``os._exit`` without cleanup). A final clean run drains the stream. Then it reports:
@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.crash import STAGES
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     MODEL,
     Deployment,
     kill9,
     wait_for_log,
     zsre_events,
 )
-from tests.services import KafkaBroker, RedisServer
+from melo_testkit.services import KafkaBroker, RedisServer
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import math
 import random
 from pathlib import Path
 
-from tests.integration.daemon_harness import (
+from melo_testkit.daemon_harness import (
     MODEL,
     Deployment,
     assert_exactly_once_and_verified,
