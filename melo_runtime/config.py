@@ -45,7 +45,7 @@ SCOPE_PRESET = {
     "key_encoder": "minilm-l6",
     "r_init": SCOPE_R_INIT,
     "train_chat_form": True,
-    "train_context_prefixes": 2,
+    "train_context_prefixes": 0,
 }
 
 

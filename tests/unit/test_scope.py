@@ -179,3 +179,21 @@ def test_snapshots_written_before_scope_keys_load_with_the_paper_key(make_editor
     loaded = MeloEditor.from_files(files, model, tokenizer)
     assert loaded.config.key_source == "hidden" and "scope.json" not in files
     assert loaded.route(["The capital of France is"]) == editor.route(["The capital of France is"])
+
+
+def test_context_prefixes_are_written_by_the_base_model_and_train_extra_rows_that_do_not_decide_learned():
+    from melo_runtime import augment
+    from melo_runtime.encoding import TextEncoder
+    from melo_runtime.tiny import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    prefixes = augment.context_prefixes(model, tokenizer, TextEncoder(model, tokenizer), 2)
+    assert len(prefixes) == 2 and all(p.endswith(". ") and len(p) > 4 for p in prefixes)
+    assert prefixes[0].startswith("The") and prefixes[1].startswith("Therefore")
+    assert prefixes == augment.context_prefixes(model, tokenizer, TextEncoder(model, tokenizer), 2)  # deterministic
+    rows = [augment.TrainingRow("e", "Q: Who founded Zorblax? A:", " Mira", indexed=True)]
+    expanded = augment.expand(rows, tokenizer, chat_form=True, prefixes=prefixes)
+    assert [r.indexed for r in expanded] == [True, False, False, False]
+    assert expanded[1].text.endswith("assistant:") and "Who founded Zorblax?" in expanded[1].text
+    assert expanded[1].target == "Mira"  # the chat reply: the target without its leading space
+    assert [r.text for r in expanded[2:]] == [p + rows[0].text for p in prefixes]
