@@ -49,6 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "started on loopback) and score the published versions as a replica loads them; "
                              "generation streams and --method melo only (melo_eval/quality_daemon.py)")
     melo = parser.add_argument_group("MELO config overrides (default: MeloConfig.for_model)")
+    melo.add_argument("--key-source", choices=("hidden", "scope"),
+                      help="edit keys: the paper's hidden state or the scope key (default: the preset; melo-paper: hidden)")
     melo.add_argument("--r-init", type=float)
     melo.add_argument("--iters", type=int)
     melo.add_argument("--lr", type=float)

@@ -83,7 +83,9 @@ def melo_config(model, task: str, args: argparse.Namespace):
     """MeloConfig.for_model with the command-line overrides applied."""
     from melo_runtime import MeloConfig
 
-    config = MeloConfig.for_model(model, task)
+    # melo-paper is the published method: the paper's hidden-state key and training rows.
+    key_source = getattr(args, "key_source", None) or ("hidden" if getattr(args, "method", "melo") == "melo-paper" else None)
+    config = MeloConfig.for_model(model, task, key_source=key_source)
     overrides = {
         "r_init": args.r_init,
         "iterations": args.iters,
