@@ -129,6 +129,9 @@ class BlockLoRALayer(nn.Module):
     def _add_routed_delta(
         self, x: torch.Tensor, out: torch.Tensor, blocks: torch.Tensor, factors: BlockFactors
     ) -> torch.Tensor:
+        if x.dim() == 2 and blocks.shape[0] > 0 and x.shape[0] % blocks.shape[0] == 0:
+            # OPT flattens [batch, seq, features] to [batch * seq, features] around its MLP.
+            return self._add_routed_delta(x.view(blocks.shape[0], -1, x.shape[-1]), out.view(blocks.shape[0], -1, out.shape[-1]), blocks, factors).view(out.shape)
         if x.dim() != 3 or x.shape[0] != blocks.shape[0]:
             raise RuntimeError(
                 f"{self.name}: input of shape {tuple(x.shape)} does not match {blocks.shape[0]} routed rows; "
