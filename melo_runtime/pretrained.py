@@ -87,7 +87,7 @@ def load_minilm(
         model.eval()
         return model, tokenizer
 
-    names = _normalized_labels(labels)
+    names = normalized_labels(labels)
     model, info = BertForSequenceClassification.from_pretrained(
         path,
         dtype=torch.float32,
@@ -110,7 +110,8 @@ def load_minilm(
     return model, tokenizer
 
 
-def _normalized_labels(labels: Sequence[str]) -> list[str]:
+def normalized_labels(labels: Sequence[str]) -> list[str]:
+    """Class names NFC-normalised and stripped; at least two, distinct and non-empty (else ValueError)."""
     if isinstance(labels, str):
         raise TypeError(f"labels={labels!r} must be a sequence of names, not one string")
     names = [unicodedata.normalize("NFC", str(label)).strip() for label in labels]
