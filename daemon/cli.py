@@ -64,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     a breaching version back, otherwise it only scores, marks and exports metrics.
     """
     from daemon.crash import CrashPoints
+    from daemon.errors import WrongBaseWeights
     from daemon.monitor import monitor_for_worker
     from daemon.scheduler import start_scheduler
     from daemon.worker import build_worker
@@ -71,7 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
     started = time.monotonic()
-    worker = build_worker(settings, crash=crash, on_progress=_say)
+    try:
+        worker = build_worker(settings, crash=crash, on_progress=_say)
+    except (ValueError, OSError) as error:  # a backbone that cannot load: say why, no traceback
+        _say(f"melo run: cannot load backbone {settings.backbone!r}: {error}")
+        return 2
     _say(
         f"melo run: model {settings.model} on backbone {settings.backbone}, source "
         f"{'kafka ' + ','.join(settings.kafka.bootstrap_servers) if settings.kafka else 'spool ' + str(settings.spool_dir)}, "
@@ -97,6 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     worker.on_edit_published(lambda _manifest, _events, learned_ids: learned.update(learned_ids))
     try:
         status = worker.run(until_idle=args.until_idle)
+    except WrongBaseWeights as error:
+        _say(f"melo run: {error}")
+        return 2
     finally:
         scheduler.shutdown(wait=False)
     _print_summary(settings, worker, monitor, learned, time.monotonic() - started, args.config)

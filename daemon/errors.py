@@ -41,3 +41,7 @@ class VersionMoved(DaemonError):
 
 class LeaseNotHeld(DaemonError):
     """An operation that needs the writer lease was attempted without holding it."""
+
+
+class WrongBaseWeights(DaemonError):
+    """The snapshot history was trained on other base weights than the backbone this process loaded."""

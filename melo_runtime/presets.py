@@ -164,9 +164,14 @@ def derive_preset(model: nn.Module, task: str | None = None) -> Preset:
     return Preset(config, layout, stack, depth, fraction, median)
 
 
-def preset_for(model: nn.Module, task: str | None = None) -> MeloConfig:
-    """The :class:`MeloConfig` of :func:`derive_preset` (what ``MeloConfig.for_model`` returns)."""
-    return derive_preset(model, task).config
+def preset_for(model: nn.Module, task: str | None = None, overrides: dict | None = None) -> MeloConfig:
+    """The :class:`MeloConfig` of :func:`derive_preset` (what ``MeloConfig.for_model`` returns),
+    with ``overrides`` of its fields on top (ValueError naming any name that is not a field)."""
+    preset = derive_preset(model, task).config.to_dict()
+    unknown = set(overrides or {}) - set(preset)
+    if unknown:
+        raise ValueError(f"unknown [melo] settings {sorted(unknown)}: MeloConfig fields are {sorted(preset)}")
+    return MeloConfig.from_dict(preset | dict(overrides or {}))
 
 
 def _encoder_decoder(model: nn.Module, modules: dict[str, nn.Module]):
