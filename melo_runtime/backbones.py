@@ -81,9 +81,10 @@ def load_backbone(
             and its ``id2label`` when ``labels`` is ``None`` or names the same labels; other labels
             get a fresh head seeded from 0. Passing labels to a generator is an error.
         dtype: ``auto`` (default) | ``float32`` | ``bfloat16`` | ``float16``.
-        device: ``auto`` (default: cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``. The
-            whole model goes to that one device (no ``device_map`` sharding: block factors and
-            routing live on the model's device).
+        device: ``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``; ``None`` (the
+            default) keeps the CPU, as before this argument existed. The whole model goes to that
+            one device (no ``device_map`` sharding: block factors and routing live on the model's
+            device).
         cache_dir: where ``smollm2-135m`` keeps its dequantized copy; the others ignore it.
         trust_remote_code: allow a checkpoint's own Python code (off by default).
     """
@@ -106,8 +107,9 @@ def load_backbone(
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` -> cuda when available else cpu; ``cpu``, ``cuda``, ``cuda:N`` checked against the machine."""
-    text = "auto" if device is None else str(device)
+    """``auto`` -> cuda when available else cpu; ``cpu``, ``cuda``, ``cuda:N`` checked against the machine;
+    ``None`` -> cpu."""
+    text = "cpu" if device is None else str(device)
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
