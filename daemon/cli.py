@@ -8,6 +8,7 @@
     melo retract EDIT_ID --reason R           new version without that edit
     melo serve ...                            HTTP serving (daemon/server.py)
     melo eval ...                             quality benchmark (bench/quality.py; from a repository checkout)
+    melo preset --backbone PATH               the MELO preset derived for a backbone, as TOML (daemon/preset_cli.py)
 
 ``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
 control event (Kafka control topic, or the spool's control directory) that the running daemon
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon import preset_cli
 from daemon.settings import Settings
 
 if TYPE_CHECKING:
@@ -346,7 +348,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval")
+CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval", "preset")
 
 
 def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
@@ -388,6 +390,8 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     retract.add_argument("edit_id")
     retract.add_argument("--reason", required=True)
     retract.set_defaults(func=cmd_retract)
+
+    preset_cli.register_cli(sub)
 
     # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
     evaluate = sub.add_parser("eval", help="quality benchmark (bench/quality.py; run from the repository)", add_help=False)
