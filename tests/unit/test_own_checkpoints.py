@@ -1,8 +1,8 @@
-"""A user's own checkpoint, loaded by path, edits and round-trips like a shipped backbone.
+"""A user's own checkpoint, loaded by path, edits, publishes and serves like a shipped backbone.
 
 Every family is saved with save_pretrained (tiny random weights, character-level tokenizer), loaded
-through melo_runtime.backbones.load_backbone, edited, saved as editor files and reloaded onto a fresh
-load of the same checkpoint: in float32 and in bfloat16, on the CPU.
+through melo_runtime.backbones.load_backbone, edited, published to a snapshot store and served over
+HTTP by a replica that loaded the same checkpoint again: in float32 and in bfloat16, on the CPU.
 """
 
 import dataclasses
@@ -11,9 +11,15 @@ import json
 import pytest
 import torch
 
+from fastapi.testclient import TestClient
+
+from daemon.server import create_app
+from daemon.serving_state import ServingState, VersionHistory
+from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import Edit, MeloEditor
 from melo_runtime.backbones import load_backbone, resolve_device
 from melo_runtime.presets import derive_preset
+from melo_runtime.pretrained import backbone_fingerprint
 from tests.checkpoints import CLASSIFY_FAMILIES, GENERATE_FAMILIES, LABELS, save_checkpoint
 
 # Tiny random models have near-uniform logits: larger steps than the official recipe learn one edit.
@@ -51,10 +57,8 @@ def test_generator_checkpoint_by_path_learns_an_edit_and_reloads_it(checkpoint_d
     assert result.learned == {"e1": True}
     assert editor.generate([PROMPT], max_new_tokens=4) == ["Bo"]
     assert editor.generate([OTHER], max_new_tokens=4) == other_before
-    editor.save(tmp_path / "editor")
-    fresh_model, fresh_tokenizer = load_backbone(path, dtype=dtype, device="cpu")
-    reloaded = MeloEditor.load(tmp_path / "editor", fresh_model, fresh_tokenizer)
-    assert reloaded.generate([PROMPT], max_new_tokens=4) == ["Bo"]
+    served = _publish_and_serve(tmp_path, path, dtype, editor, "/v1/generate", {"prompts": [PROMPT], "max_new_tokens": 4})
+    assert served["results"][0]["output"] == "Bo" and served["results"][0]["route"]["block"] == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -71,9 +75,25 @@ def test_classifier_checkpoint_by_path_learns_a_label_edit_and_reloads_it(checkp
 
     assert result.learned == {"e1": True}
     assert editor.classify([PROMPT]) == [flipped]
-    editor.save(tmp_path / "editor")
-    fresh_model, fresh_tokenizer = load_backbone(path, dtype=dtype, device="cpu")
-    assert MeloEditor.load(tmp_path / "editor", fresh_model, fresh_tokenizer).classify([PROMPT]) == [flipped]
+    served = _publish_and_serve(tmp_path, path, dtype, editor, "/v1/classify", {"texts": [PROMPT]})
+    assert served["results"][0]["label"] == flipped
+
+
+def _publish_and_serve(tmp_path, path, dtype, editor, route, body) -> dict:
+    """Publish the editor as version 1 and ask a replica with its own load of the checkpoint."""
+    store = FsSnapshotStore(tmp_path / "snapshots")
+    weights = backbone_fingerprint(load_backbone(path, dtype=dtype, device="cpu")[0])
+    meta = {"base_model": {"id": str(path), "weights_sha256": weights}, "edit_ids": ["e1"]}
+    assert store.publish("m", editor.export_files(), parent=None, meta=meta).version == 1
+    assert store.verify("m", 1) == []
+    model, tokenizer = load_backbone(path, dtype=dtype, device="cpu")
+    state = ServingState(store, "m", model, tokenizer, weights_sha256=backbone_fingerprint(model))
+    state.refresh()
+    with TestClient(create_app(state, history=VersionHistory(state)), raise_server_exceptions=False) as client:
+        response = client.post(route, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == 1
+    return response.json()
 
 
 def test_fine_tuned_classifier_keeps_its_head_and_labels(checkpoint_dir):
