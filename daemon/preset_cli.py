@@ -67,9 +67,9 @@ def cmd_preset(args: argparse.Namespace) -> int:
 def preset_toml(backbone: str, model: Any, preset: Any) -> str:
     """The preset as commented TOML (a ``[melo]`` table)."""
     config = preset.config.to_dict()
+    dtype = str(model.dtype).removeprefix("torch.")
     lines = [
-        f"# MELO preset for {backbone}: {type(model).__name__}, {str(model.dtype).removeprefix('torch.')}, "
-        f"task {config['task']}",
+        f"# MELO preset for {backbone}: {type(model).__name__}, {dtype}, task {config['task']}",
         f"# layout {preset.layout}: layer stack {preset.stack} ({preset.depth} layers)",
         f"# r_init = {preset.calibration()}",
         "# Paste this table into the settings file to pin the preset.",

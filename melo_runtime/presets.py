@@ -32,12 +32,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 from transformers.pytorch_utils import Conv1D
 
 from melo_runtime.config import TASKS, MeloConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-from melo_runtime.families import forward_inputs, is_causal_lm, is_classifier, is_encoder_decoder, model_device
+from melo_runtime.families import (
+    forward_inputs,
+    is_causal_lm,
+    is_classifier,
+    is_encoder_decoder,
+    model_device,
+)
 from melo_runtime.keys import keys_at_last_token
 
 # R_init as a fraction of the median distance between keys of unrelated random inputs. Keys of
@@ -208,12 +216,13 @@ def _linear(module: nn.Module) -> bool:
 
 def _stacks(modules: dict[str, nn.Module]) -> list[str]:
     """Paths of every ModuleList whose items all contain a linear layer (candidate layer stacks)."""
-    found = []
-    for path, module in modules.items():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if all(any(_linear(m) for m in layer.modules()) for layer in module):
-                found.append(path)
-    return found
+    return [
+        path
+        for path, module in modules.items()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and all(any(_linear(m) for m in layer.modules()) for layer in module)
+    ]
 
 
 def _main_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 from fastapi.testclient import TestClient
 
 from daemon.server import create_app
@@ -20,7 +19,12 @@ from melo_runtime import Edit, MeloEditor
 from melo_runtime.backbones import load_backbone, resolve_device
 from melo_runtime.presets import derive_preset
 from melo_runtime.pretrained import backbone_fingerprint
-from tests.checkpoints import CLASSIFY_FAMILIES, GENERATE_FAMILIES, LABELS, save_checkpoint
+from tests.checkpoints import (
+    CLASSIFY_FAMILIES,
+    GENERATE_FAMILIES,
+    LABELS,
+    save_checkpoint,
+)
 
 # Tiny random models have near-uniform logits: larger steps than the official recipe learn one edit.
 LEARN = {"lr": 0.05, "iterations": 150, "rank_per_block": 4}
@@ -99,7 +103,7 @@ def _publish_and_serve(tmp_path, path, dtype, editor, route, body) -> dict:
 def test_fine_tuned_classifier_keeps_its_head_and_labels(checkpoint_dir):
     path = checkpoint_dir("bert")
     saved = json.loads((path / "config.json").read_text())["id2label"]
-    model, tokenizer = load_backbone(path, device="cpu")
+    model, _ = load_backbone(path, device="cpu")
     again, _ = load_backbone(path, device="cpu")
     assert {str(k): v for k, v in model.config.id2label.items()} == saved
     assert torch.equal(model.classifier.weight, again.classifier.weight)
