@@ -139,8 +139,9 @@ def _print_summary(
         _say(f"  receipts / DLQ     {Path(settings.data_dir).resolve() / 'outbox'}")
     config = f" --config {config_path}" if config_path else ""
     _say(f"  inspect it         melo snapshots list{config}   ·   melo inspect clusters{config}")
-    _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/generate "
-         "-H 'content-type: application/json' -d '{\"prompts\": [\"<an edited prompt>\"]}'")
+    route, field = ("classify", "texts") if settings.task == "classify" else ("generate", "prompts")
+    _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/{route} "
+         f"-H 'content-type: application/json' -d '{{\"{field}\": [\"<an edited prompt>\"]}}'")
 
 
 # Edited-vs-base examples in the run summary: few and short, so the summary costs seconds.
