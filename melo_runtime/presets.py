@@ -120,6 +120,20 @@ class Preset:
         )
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the module structure decided, before the radius is calibrated."""
+
+    name: str
+    stack: str
+    depth: int
+    key: str
+    targets: list[str]
+    rank: int
+    per_block: int
+    fraction: float
+
+
 def derive_preset(model: nn.Module, task: str | None = None) -> Preset:
     """The preset for ``model`` found from its module structure, with a calibrated ``r_init``.
 
@@ -135,41 +149,17 @@ def derive_preset(model: nn.Module, task: str | None = None) -> Preset:
             "head, generate a language-model head"
         )
     modules = dict(model.named_modules())
-    if is_encoder_decoder(model):
-        layout, stack, depth, key, targets, rank, per_block, fraction = _encoder_decoder(model, modules)
-    else:
-        stack = _main_stack(model, modules)
-        depth = len(modules[stack])
-        _need_depth(model, depth)
-        mlps = [_mlp(model, modules, f"{stack}.{i}") for i in range(depth)]
-        if not _is_decoder_only(model):
-            layout = "encoder"
-            lora = _top_layers(depth, 3)
-            key = mlps[min(round(depth * 4 / 12), lora[0] - 1)].down
-            targets = [mlps[i].down for i in lora]
-            rank, per_block, fraction = 4, 50, R_INIT_FRACTION
-        elif isinstance(modules[mlps[0].up[-1]], Conv1D):
-            layout = "gpt2"
-            lora = _top_layers(depth, 2)
-            key = mlps[lora[0] - 1].up[-1]
-            targets = [mlps[i].up[-1] for i in lora]
-            rank, per_block, fraction = 2, 4, R_INIT_FRACTION
-        else:
-            layout = "decoder"
-            lora = _top_layers(depth, 3)
-            key = mlps[min(round(depth * LLAMA_KEY_DEPTH), lora[0] - 1)].up[-1]
-            targets = [name for i in lora for name in (mlps[i].up[-1], mlps[i].down)]
-            rank, per_block, fraction = 4, 10, LLAMA_R_INIT_FRACTION
-    median = key_median_distance(model, key)
+    layout = _encoder_decoder(model, modules) if is_encoder_decoder(model) else _single_stack(model, modules)
+    median = key_median_distance(model, layout.key)
     config = MeloConfig(
         task=task,
-        key_module=key,
-        target_modules=targets,
-        rank_per_block=rank,
-        r_init=round(fraction * median, 6),
-        edits_per_block=per_block,
+        key_module=layout.key,
+        target_modules=layout.targets,
+        rank_per_block=layout.rank,
+        r_init=round(layout.fraction * median, 6),
+        edits_per_block=layout.per_block,
     )
-    return Preset(config, layout, stack, depth, fraction, median)
+    return Preset(config, layout.name, layout.stack, layout.depth, layout.fraction, median)
 
 
 def preset_for(model: nn.Module, task: str | None = None, overrides: dict | None = None) -> MeloConfig:
@@ -182,10 +172,31 @@ def preset_for(model: nn.Module, task: str | None = None, overrides: dict | None
     return MeloConfig.from_dict(preset | dict(overrides or {}))
 
 
-def _encoder_decoder(model: nn.Module, modules: dict[str, nn.Module]):
-    stacks = _stacks(modules)
-    encoder = _pick(model, [p for p in stacks if "encoder" in p.split(".") and "decoder" not in p.split(".")], "encoder")
-    decoder = _pick(model, [p for p in stacks if "decoder" in p.split(".")], "decoder")
+def _single_stack(model: nn.Module, modules: dict[str, nn.Module]) -> _Layout:
+    """Encoder-only or decoder-only: one stack of layers."""
+    stack = _pick(model, modules, _stacks(modules), "layer")
+    depth = len(modules[stack])
+    _need_depth(model, depth)
+    mlps = [_mlp(model, modules, f"{stack}.{i}") for i in range(depth)]
+    if not _is_decoder_only(model):
+        lora = _top_layers(depth, 3)
+        key = mlps[min(round(depth * 4 / 12), lora[0] - 1)].down
+        return _Layout("encoder", stack, depth, key, [mlps[i].down for i in lora], 4, 50, R_INIT_FRACTION)
+    if isinstance(modules[mlps[0].up[-1]], Conv1D):
+        lora = _top_layers(depth, 2)
+        key = mlps[lora[0] - 1].up[-1]
+        return _Layout("gpt2", stack, depth, key, [mlps[i].up[-1] for i in lora], 2, 4, R_INIT_FRACTION)
+    lora = _top_layers(depth, 3)
+    key = mlps[min(round(depth * LLAMA_KEY_DEPTH), lora[0] - 1)].up[-1]
+    targets = [name for i in lora for name in (mlps[i].up[-1], mlps[i].down)]
+    return _Layout("decoder", stack, depth, key, targets, 4, 10, LLAMA_R_INIT_FRACTION)
+
+
+def _encoder_decoder(model: nn.Module, modules: dict[str, nn.Module]) -> _Layout:
+    """T5, BART ...: the encoder's stack gives the key, both stacks' top layers get LoRA."""
+    parts = {path: path.split(".") for path in _stacks(modules)}
+    encoder = _pick(model, modules, [p for p, names in parts.items() if "encoder" in names and "decoder" not in names], "encoder")
+    decoder = _pick(model, modules, [p for p, names in parts.items() if "decoder" in names], "decoder")
     depth = len(modules[encoder])
     _need_depth(model, depth)
     lora = _top_layers(depth, 1)
@@ -193,7 +204,7 @@ def _encoder_decoder(model: nn.Module, modules: dict[str, nn.Module]):
     tops = [_mlp(model, modules, f"{encoder}.{i}") for i in lora]
     tops.append(_mlp(model, modules, f"{decoder}.{len(modules[decoder]) - 1}"))
     targets = [name for mlp in tops for name in (*mlp.up, mlp.down)]
-    return "encoder-decoder", encoder, depth, key, targets, 2, 100, R_INIT_FRACTION
+    return _Layout("encoder-decoder", encoder, depth, key, targets, 2, 100, R_INIT_FRACTION)
 
 
 def _is_decoder_only(model: nn.Module) -> bool:
@@ -225,18 +236,13 @@ def _stacks(modules: dict[str, nn.Module]) -> list[str]:
     ]
 
 
-def _main_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
-    return _pick(model, _stacks(modules), "layer")
-
-
-def _pick(model: nn.Module, candidates: list[str], what: str) -> str:
+def _pick(model: nn.Module, modules: dict[str, nn.Module], candidates: list[str], what: str) -> str:
     """The longest candidate stack (ties: the shallowest path)."""
     if not candidates:
         raise ValueError(
             f"found no {what} stack (an nn.ModuleList of layers holding linear layers) in "
             f"{type(model).__name__}; {_MISSING_LAYOUT}"
         )
-    modules = dict(model.named_modules())
     return max(candidates, key=lambda path: (len(modules[path]), -path.count(".")))
 
 
