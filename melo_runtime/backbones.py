@@ -92,9 +92,8 @@ def load_backbone(
     target = resolve_device(device)
     source = str(name_or_path)
     if source in BACKBONES:
-        model, tokenizer = _shipped(source, task, labels, cache_dir)
-        if torch_dtype is not None:
-            model.to(torch_dtype)
+        model, tokenizer = _shipped(source, task, labels, cache_dir, torch_dtype or torch.float32)
+        model.to(torch_dtype or torch.float32)
     else:
         path = _checkpoint_path(source)
         if path.is_file():
@@ -135,7 +134,7 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _shipped(name: str, task: str | None, labels: Sequence[str] | None, cache_dir) -> tuple:
+def _shipped(name: str, task: str | None, labels: Sequence[str] | None, cache_dir, torch_dtype: torch.dtype) -> tuple:
     natural = BACKBONES[name]
     if task is not None and task != natural:
         raise ValueError(f"backbone {name!r} is a {natural} model; task={task!r} does not fit it")
@@ -145,7 +144,7 @@ def _shipped(name: str, task: str | None, labels: Sequence[str] | None, cache_di
         return tiny_model(name.removeprefix("tiny-"), task=natural, labels=labels)
     if name == "minilm-l6":
         return load_minilm(labels if labels is not None else DEFAULT_LABELS)
-    return load_smollm2(cache_dir)
+    return load_smollm2(cache_dir, torch_dtype)
 
 
 def _checkpoint_path(source: str) -> Path:
