@@ -76,8 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         worker = build_worker(settings, crash=crash, on_progress=_say)
-    except (ValueError, OSError) as error:  # a backbone that cannot load: say why, no traceback
-        _say(f"melo run: cannot load backbone {settings.backbone!r}: {error}")
+    except (ValueError, OSError) as error:  # a backbone or spool that cannot load: say why, no traceback
+        _say(f"melo run: cannot start: {error}")
         return 2
     _say(
         f"melo run: model {settings.model} on backbone {settings.backbone}, source "
