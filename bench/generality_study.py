@@ -33,7 +33,7 @@ from melo_eval.quality import exact_match
 from melo_runtime import MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_runtime.chat import question_of
-from melo_runtime.config import SCOPE_PRESET
+from melo_runtime.presets import SCOPE_PRESET
 from melo_runtime.edits import Edit
 
 VARIANTS = {

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from melo_runtime import MeloConfig, MeloEditor
     from melo_runtime.backbones import load_backbone
-    from melo_runtime.config import calibrate_r_init
+    from melo_runtime.presets import calibrate_r_init
     from melo_runtime.edits import normalize_label
 
     model, tokenizer = load_backbone(args.backbone)

@@ -10,6 +10,7 @@
     melo retract EDIT_ID --reason R           new version without that edit
     melo serve ...                            HTTP serving (daemon/server.py)
     melo eval ...                             quality evaluation (melo_eval/cli.py)
+    melo preset --backbone PATH               the MELO preset derived for a backbone, as TOML (daemon/preset_cli.py)
 
 ``rollback`` and ``retract`` keep a single writer: if a daemon holds the model's lease they write a
 control event (Kafka control topic, or the spool's control directory) that the running daemon
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.cli_errors import run_reporting
+from daemon import preset_cli
 from daemon.settings import Settings
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     a breaching version back, otherwise it only scores, marks and exports metrics.
     """
     from daemon.crash import CrashPoints
+    from daemon.errors import WrongBaseWeights
     from daemon.monitor import monitor_for_worker
     from daemon.scheduler import start_scheduler
     from daemon.worker import EXIT_RECOVERY, build_worker
@@ -94,8 +97,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
     started = time.monotonic()
-    worker = build_worker(settings, crash=crash, on_progress=_say,
-                          training_display=_training_bar if sys.stderr.isatty() else None)
+    try:
+        worker = build_worker(settings, crash=crash, on_progress=_say,
+                              training_display=_training_bar if sys.stderr.isatty() else None)
+    except (ValueError, OSError) as error:  # a backbone or spool that cannot load: say why, no traceback
+        _say(f"melo run: cannot start: {error}")
+        return 2
     _say(
         f"melo run: model {settings.model} on backbone {settings.backbone}, source "
         f"{'kafka ' + ','.join(settings.kafka.bootstrap_servers) if settings.kafka else 'spool ' + str(settings.spool_dir)}, "
@@ -121,6 +128,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     worker.on_edit_published(lambda _manifest, _events, learned_ids: learned.update(learned_ids))
     try:
         status = worker.run(until_idle=args.until_idle)
+    except WrongBaseWeights as error:
+        _say(f"melo run: {error}")
+        return 2
     finally:
         scheduler.shutdown(wait=False)
     if status == EXIT_RECOVERY:
@@ -155,8 +165,9 @@ def _print_summary(
         _say(f"  receipts / DLQ     {Path(settings.data_dir).resolve() / 'outbox'}")
     config = f" --config {config_path}" if config_path else ""
     _say(f"  inspect it         melo snapshots list{config}   ·   melo inspect clusters{config}")
-    _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/generate "
-         "-H 'content-type: application/json' -d '{\"prompts\": [\"<an edited prompt>\"]}'")
+    route, field = ("classify", "texts") if settings.task == "classify" else ("generate", "prompts")
+    _say(f"  query it           melo serve{config}   then   curl -s localhost:{settings.serve.port}/v1/{route} "
+         f"-H 'content-type: application/json' -d '{{\"{field}\": [\"<an edited prompt>\"]}}'")
 
 
 # Edited-vs-base examples in the run summary: few and short, so the summary costs seconds.
@@ -431,7 +442,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval", "status", "edits")
+CORE_COMMANDS = ("run", "produce", "snapshots", "inspect", "rollback", "retract", "eval", "status", "edits", "preset")
 
 
 def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
@@ -486,6 +497,8 @@ def build_parser(*, optional: bool = True) -> argparse.ArgumentParser:
     from daemon.cli_inspect import register as register_inspection
 
     register_inspection(sub, with_config)
+
+    preset_cli.register_cli(sub)
 
     # Listed for `melo --help`; main() hands every word after "eval" to the benchmark's own parser.
     evaluate = sub.add_parser("eval", help="quality evaluation (melo_eval/cli.py)", add_help=False)

@@ -37,3 +37,7 @@ class Fenced(DaemonError):
 
 class VersionMoved(DaemonError):
     """The record store's version is not the one this writer expected: reload state before committing."""
+
+
+class WrongBaseWeights(DaemonError):
+    """The snapshot history was trained on other base weights than the backbone this process loaded."""

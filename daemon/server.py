@@ -11,7 +11,8 @@ Routes (OpenAPI at /openapi.json, docs at /docs):
 - ``POST /v1/rollback``, ``POST /v1/retract`` -- admin, ``Authorization: Bearer <token>``
   compared in constant time. They never write the store themselves: see ``daemon.control_ops``
   (the single writer stays single).
-- ``/healthz`` (process alive), ``/readyz`` (503 until a verified snapshot is loaded), ``/metrics``.
+- ``/healthz`` (process alive), ``/readyz`` (503 until a verified snapshot -- or, before any version is
+  published, the unedited model as version 0 -- is loaded; says which), ``/metrics``.
 
 Bad input is always a 4xx with a message naming the limit: 413 for a body over
 ``serve.max_body_bytes``, 422 for malformed JSON, wrong types, too many rows, over-long rows or
@@ -337,6 +338,8 @@ def create_app(
         if body.max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens={body.max_new_tokens}, at most {limits.max_new_tokens} (serve.max_new_tokens): ask for fewer")
         loaded = serving()  # read once: this request is answered entirely by this version
+        if loaded.editor.config.task == "classify":
+            raise HTTPException(422, f"model {model_label!r} is a classifier: POST /v1/classify with {{\"texts\": [...]}}")
         try:
             routes = loaded.editor.route(body.prompts)
             outputs = loaded.editor.generate(body.prompts, max_new_tokens=body.max_new_tokens)
@@ -397,10 +400,12 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """200 once a verified snapshot is loaded, 503 before."""
+        """200 once a verified snapshot (or, before any is published, the unedited model) is loaded, 503 before."""
         if not state.ready:
             return JSONResponse({"ready": False, "model": model_label, "version": None}, status_code=503)
-        return JSONResponse({"ready": True, "model": model_label, "version": state.current().version})
+        loaded = state.current()
+        serving = "unedited base model (no version published)" if loaded.unedited else f"snapshot version {loaded.version}"
+        return JSONResponse({"ready": True, "model": model_label, "version": loaded.version, "serving": serving})
 
     @app.get("/metrics")
     def prometheus_metrics() -> PlainTextResponse:
@@ -462,16 +467,31 @@ class AnnouncementListener:
 def build_app(settings: Settings) -> FastAPI:
     """Everything `melo serve` runs: backbone (loaded once), snapshot store, follower, control path."""
     from melo_runtime.backbones import load_backbone
+    from melo_runtime.presets import preset_for
     from melo_runtime.pretrained import backbone_fingerprint
 
     from daemon.control_ops import ChannelControl, control_sender
     from daemon.snapshot_store_fs import FsSnapshotStore
 
     assert settings.backbone is not None and settings.snapshot_root is not None  # filled in by Settings
-    labels = settings.labels if settings.task == "classify" else None
-    model, tokenizer = load_backbone(settings.backbone, labels=labels)
+    labels = (settings.labels or None) if settings.task == "classify" else None
+    model, tokenizer = load_backbone(
+        settings.backbone,
+        task=settings.task,
+        labels=labels,
+        dtype=settings.dtype,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
+    )
     store = FsSnapshotStore(settings.snapshot_root)
-    state = ServingState(store, settings.model, model, tokenizer, weights_sha256=backbone_fingerprint(model))
+    state = ServingState(
+        store,
+        settings.model,
+        model,
+        tokenizer,
+        weights_sha256=backbone_fingerprint(model),
+        base_config=preset_for(model, settings.task, settings.melo),
+    )
     metrics.SERVING_READY.labels(model=settings.model).set(0)
     follower = CurrentFollower(state, settings.serve.poll_s)
     history = VersionHistory(state)
@@ -553,7 +573,11 @@ def _serve_command(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     host = args.host or settings.serve.host
     port = args.port if args.port is not None else settings.serve.port
-    app = build_app(settings)
+    try:
+        app = build_app(settings)
+    except (ValueError, OSError) as error:  # a backbone that cannot load: say why, no traceback
+        print(f"melo serve: cannot serve backbone {settings.backbone!r}: {error}")
+        return 2
     print(f"melo serve: model {settings.model} from {settings.snapshot_root}, http://{host}:{port} (OpenAPI at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0

@@ -11,6 +11,10 @@ once, at its start, and uses the :class:`LoadedVersion` it got until it answers,
 flight finish on the version they started with and every response names it. Replacing a Python
 attribute is atomic, so readers take no lock; loaders serialise on a lock so two followers cannot
 interleave.
+
+Before the first version is published, a state given ``base_config`` serves the unedited model as
+version 0 (an editor with no blocks: every route is ``null``), so a replica is useful, and ready,
+as soon as the model is loaded; the first published version replaces it like any other swap.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from melo_runtime import MeloEditor
+from melo_runtime import MeloConfig, MeloEditor
 
 from daemon import metrics
 from daemon.snapshots import Manifest, SnapshotStore
@@ -42,10 +46,15 @@ class WrongBaseModel(RuntimeError):
 class LoadedVersion:
     """One immutable, fully loaded snapshot version: what a request is answered with."""
 
-    version: int
-    manifest: Manifest
+    version: int  # 0: the unedited base model (no version published yet)
+    manifest: Manifest | None  # None for version 0
     editor: MeloEditor
     loaded_at: float
+
+    @property
+    def unedited(self) -> bool:
+        """True while serving the base model because no version has been published."""
+        return self.manifest is None
 
 
 class ServingState:
@@ -59,19 +68,23 @@ class ServingState:
         tokenizer: Any,
         *,
         weights_sha256: str | None = None,
+        base_config: MeloConfig | None = None,
     ) -> None:
         """Serve ``model_name`` from ``store`` on the already loaded ``model``/``tokenizer``.
 
         ``weights_sha256`` (``backbone_fingerprint(model)``), when given, must match the manifest's
         ``base_model.weights_sha256`` or the version is refused: adapters trained on other weights
         would silently answer wrong. Swaps are counted in ``melo_swaps_total`` and shown in
-        ``melo_serving_ready`` / ``melo_serving_version``.
+        ``melo_serving_ready`` / ``melo_serving_version``. ``base_config`` (the backbone's preset):
+        serve the unedited model as version 0 while the store has no version (``None``: not ready
+        until the first version loads).
         """
         self.store = store
         self.model_name = model_name
         self.model = model
         self.tokenizer = tokenizer
         self.weights_sha256 = weights_sha256
+        self.base_config = base_config
         self._current: LoadedVersion | None = None
         self._load_lock = threading.Lock()
 
@@ -100,8 +113,9 @@ class ServingState:
         recorded = manifest.base_model.get("weights_sha256")
         if self.weights_sha256 and recorded and recorded != self.weights_sha256:
             raise WrongBaseModel(
-                f"version {version} of {self.model_name!r} was trained on base weights {recorded[:12]}…, "
-                f"this process serves {self.weights_sha256[:12]}…; start the server with the same backbone"
+                f"version {version} of {self.model_name!r} was made for base weights {recorded} "
+                f"({manifest.base_model.get('id')}), but this process serves {self.weights_sha256}; start the "
+                "server with the backbone and dtype the writer uses"
             )
         files = self.store.load_files(self.model_name, version)
         editor = MeloEditor.from_files(files, self.model, self.tokenizer)
@@ -125,9 +139,22 @@ class ServingState:
         """Swap to the store's CURRENT version if it differs from the one served; True if swapped."""
         target = self.store.current(self.model_name)
         served = self._current
-        if target is None or (served is not None and served.version == target):
+        if target is None:
+            return self._serve_base() if served is None and self.base_config is not None else False
+        if served is not None and served.version == target:
             return False
         self.swap_to(target)
+        return True
+
+    def _serve_base(self) -> bool:
+        with self._load_lock:
+            if self._current is not None:
+                return False
+            editor = MeloEditor(self.model, self.tokenizer, self.base_config)
+            self._current = LoadedVersion(version=0, manifest=None, editor=editor, loaded_at=time.time())
+        log.info("serving %s unedited (version 0): no version is published yet", self.model_name)
+        metrics.SERVING_READY.labels(model=self.model_name).set(1)
+        metrics.SERVING_VERSION.labels(model=self.model_name).set(0)
         return True
 
 

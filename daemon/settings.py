@@ -21,6 +21,11 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 
 from schemas import MODEL_NAME, Limits
 
+
+def names_a_checkpoint(backbone: str) -> bool:
+    """Whether ``backbone`` is a path or ``hf:`` id (a user's checkpoint) rather than a shipped name."""
+    return backbone.startswith(("hf:", ".", "~")) or "/" in backbone or backbone.endswith(".gguf")
+
 if TYPE_CHECKING:
     import redis
 
@@ -350,7 +355,9 @@ class Settings(BaseSettings):
         description="Model namespace: the Kafka key, the snapshot directory and the Redis hash tag.",
     )
     backbone: str | None = Field(
-        None, description="Name passed to melo_runtime.backbones.load_backbone; defaults to model."
+        None,
+        description="Shipped backbone name, Hugging Face checkpoint directory, .gguf file or hf:<org>/<name> "
+        "(local Hugging Face cache only); defaults to model. See docs/own-model.md.",
     )
     task: Literal["generate", "classify"] = Field(
         "generate", description="What edits teach: new continuations, or new labels."
@@ -358,8 +365,18 @@ class Settings(BaseSettings):
     labels: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Class labels for task = classify (comma-separated in the environment)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where blocks are trained; auto = cuda when available."
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the model runs and blocks are trained: auto (cuda when available), cpu, cuda or cuda:N.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Base weights' dtype (auto: float32 for shipped backbones, the checkpoint's own dtype for "
+        "paths); block factors and their training stay float32.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Let a checkpoint run its own Python code (transformers trust_remote_code); off by default."
     )
     melo: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of MeloConfig fields on top of the backbone's preset."
@@ -407,7 +424,8 @@ class Settings(BaseSettings):
             self.records_dir = self.data_dir / "records"
         if self.spool_dir is None:
             self.spool_dir = self.data_dir / "spool"
-        if self.task == "classify" and not self.labels:
+        if self.task == "classify" and not self.labels and not names_a_checkpoint(self.backbone):
+            # A checkpoint of the user's own carries its labels (id2label); a shipped one does not.
             raise ValueError("task = classify needs labels (e.g. MELO_LABELS=negative,positive)")
         return self
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from daemon import metrics
 from daemon.batcher import MicroBatcher
 from daemon.crash import CrashPoints
-from daemon.errors import CorruptSnapshot, Fenced, Retryable, SnapshotNotFound, VersionConflict, VersionMoved
+from daemon.errors import CorruptSnapshot, Fenced, Retryable, SnapshotNotFound, VersionConflict, VersionMoved, WrongBaseWeights
 from daemon.publish import Publisher
 from daemon.recovery import (
     Recovered,
@@ -249,10 +249,23 @@ class Worker:
             self._redeliver()
         return True
 
+    def _check_base_weights(self, version: int) -> None:
+        """Refuse to continue a history trained on other base weights (its blocks would be wrong)."""
+        recorded = manifest_field(self.snapshots.manifest(self.model, version), "base_model") or {}
+        ours = self.editors.base_model
+        if recorded.get("weights_sha256") and ours.get("weights_sha256") != recorded["weights_sha256"]:
+            raise WrongBaseWeights(
+                f"model {self.model!r} version {version} was made for base weights {recorded['weights_sha256']} "
+                f"({recorded.get('id')}), but this daemon loaded {ours.get('weights_sha256')} ({ours.get('id')}): "
+                "set backbone (and dtype) to the weights the history was trained on, or use a new model name"
+            )
+
     def _resume_from(self, recovered: Recovered) -> None:
         self.token = recovered.token
         self.version = recovered.version
         self._last_renewal = time.monotonic()
+        if recovered.version is not None and recovered.corrupt is None:
+            self._check_base_weights(recovered.version)
         if recovered.corrupt is not None:
             self.editor = None
             self.on_progress(f"model {self.model}: version {self.version} does not load ({recovered.corrupt})")
@@ -881,31 +894,35 @@ LOCAL_RETRY_DEADLINE_S = 60.0
 class BackboneEditors:
     """:class:`EditorFactory` over one backbone loaded once (on the GPU when settings.device allows)."""
 
-    def __init__(self, backbone: str, *, task: str, labels: list[str], device: str, overrides: dict[str, Any]) -> None:
-        import torch
-
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        task: str,
+        labels: list[str],
+        device: str,
+        overrides: dict[str, Any],
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
         from melo_runtime.backbones import load_backbone
+        from melo_runtime.families import model_device
         from melo_runtime.pretrained import backbone_fingerprint
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
         self.task = task
         self.overrides = dict(overrides)
-        self.model, self.tokenizer = load_backbone(backbone, labels=labels or None)
-        self.model.to(device)
-        self.model.eval()
+        self.model, self.tokenizer = load_backbone(
+            backbone, task=task, labels=labels or None, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
+        self.device = str(model_device(self.model))
         self.base_model = {"id": backbone, "weights_sha256": backbone_fingerprint(self.model)}
 
     def fresh(self) -> Any:
         """An empty editor: the backbone's preset with ``settings.melo`` overrides on top."""
-        from melo_runtime import MeloConfig, MeloEditor
+        from melo_runtime import MeloEditor
+        from melo_runtime.presets import preset_for
 
-        preset = MeloConfig.for_model(self.model, self.task).to_dict()
-        unknown = set(self.overrides) - set(preset)
-        if unknown:
-            raise ValueError(f"unknown [melo] settings {sorted(unknown)}: MeloConfig fields are {sorted(preset)}")
-        return MeloEditor(self.model, self.tokenizer, MeloConfig.from_dict(preset | self.overrides))
+        return MeloEditor(self.model, self.tokenizer, preset_for(self.model, self.task, self.overrides))
 
     def from_files(self, files: dict[str, bytes]) -> Any:
         """The editor a snapshot describes (its own config, whatever the settings say now)."""
@@ -989,6 +1006,8 @@ def build_worker(
         labels=list(settings.labels),
         device=settings.device,
         overrides=settings.melo,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
     )
     return Worker(
         options,

@@ -33,7 +33,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=STREAMS, default="zsre")
     parser.add_argument("--reserved", action="store_true",
                         help="use the reserved split (zsRE eval / CounterFact val): final numbers only")
-    parser.add_argument("--backbone", default=None, help="default: smollm2-135m, or minilm-l6 for scotus/huffpost")
+    parser.add_argument("--backbone", default=None, help="shipped name, checkpoint directory, .gguf file or "
+                        "hf:<org>/<name> (default: smollm2-135m, or minilm-l6 for scotus/huffpost)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="base weights' dtype (block factors train in float32 whatever it is)")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--trust-remote-code", action="store_true", help="let a checkpoint run its own code")
     parser.add_argument("--method", choices=METHODS, default="melo")
     parser.add_argument("--n-edits", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=10, help="edits per micro-batch (one MELO block)")
@@ -88,10 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if classify:
         from melo_eval.classifier import trained_classifier
 
+        if (args.dtype, args.device) != ("auto", "cpu"):
+            raise SystemExit("label-shift streams fit the classifier head on the CPU in float32 (melo_eval.classifier); "
+                             "drop --dtype/--device for scotus/huffpost")
         model, tokenizer, head_report = trained_classifier(backbone, args.dataset, args.data_dir, args.seed)
         extra["classifier_head"] = head_report
     else:
-        model, tokenizer = load_backbone(backbone)
+        model, tokenizer = load_backbone(backbone, dtype=args.dtype, device=args.device,
+                                         trust_remote_code=args.trust_remote_code)
+    extra |= {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)}
     task = "classify" if classify else "generate"
     method = build_method(args.method, model, tokenizer, task, args)
     stream = build_stream(args, method, tokenizer, melo_config(model, task, args).max_length_tokens)

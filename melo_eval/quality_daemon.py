@@ -127,6 +127,7 @@ def run_writer(stream: Stream, config: Any, args: argparse.Namespace, backbone: 
         run, services, backbone=backbone, melo=config.to_dict(),
         batch={"max_size": args.batch_size, "max_wait_s": BACKLOG_WAIT_S},
         retention={"keep_last": n_batches + 1},  # every version stays loadable for the evaluation
+        dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
     )
     topics = settings.kafka.topics
     create_topics(services.bootstrap, [getattr(topics, role) for role in TOPIC_ROLES])
@@ -321,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = args.backbone or "smollm2-135m"
     # The replica's base model: it never trains (the writer loads its own copy of the backbone).
-    model, tokenizer = load_backbone(backbone)
+    model, tokenizer = load_backbone(backbone, dtype=args.dtype, device=args.device,
+                                     trust_remote_code=args.trust_remote_code)
     config = quality.melo_config(model, "generate", args)
     stream = quality.build_stream(args)
     evaluator = quality.Evaluator(stream, tokenizer, generation=not args.no_generation)

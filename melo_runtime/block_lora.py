@@ -129,6 +129,11 @@ class BlockLoRALayer(nn.Module):
     def _add_routed_delta(
         self, x: torch.Tensor, out: torch.Tensor, blocks: torch.Tensor, factors: BlockFactors
     ) -> torch.Tensor:
+        if x.dim() == 2 and blocks.shape[0] > 0 and x.shape[0] % blocks.shape[0] == 0:
+            # OPT flattens [batch, seq, features] to [batch * seq, features] around its MLP.
+            rows = blocks.shape[0]
+            x3, out3 = x.view(rows, -1, x.shape[-1]), out.view(rows, -1, out.shape[-1])
+            return self._add_routed_delta(x3, out3, blocks, factors).view(out.shape)
         if x.dim() != 3 or x.shape[0] != blocks.shape[0]:
             raise RuntimeError(
                 f"{self.name}: input of shape {tuple(x.shape)} does not match {blocks.shape[0]} routed rows; "

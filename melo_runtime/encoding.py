@@ -107,6 +107,12 @@ class TextEncoder:
         return TeacherForced(batch=batch, targets=expected.to(device))
 
     def _batch(self, sequences: list[list[int]]) -> Batch:
+        empty = [i for i, ids in enumerate(sequences) if not ids]
+        if empty:
+            # A zero-length row would reach the model as a [batch, 0, ...] tensor and fail deep inside it.
+            raise ValueError(
+                f"input {empty[0]} tokenizes to no tokens with this tokenizer; give text its vocabulary covers"
+            )
         width = max(len(s) for s in sequences)
         if self.max_positions is not None and width > self.max_positions:
             longest = max(range(len(sequences)), key=lambda i: len(sequences[i]))

@@ -1,62 +1,14 @@
 """What differs between architecture families: module layout and how to call the forward pass.
 
 Everything else in the editor works by module name on any Hugging Face model; this module is the one
-place that knows BERT keeps its layers in ``bert.encoder.layer``, decoder-only models need
-position ids that skip left padding, and T5 needs decoder inputs.
+place that knows decoder-only models need position ids that skip left padding and encoder-decoder
+models need decoder inputs. Where each family keeps its layers is found by :mod:`melo_runtime.presets`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-
-# model_type -> family; Llama-style decoders share module names (model.layers.N.mlp.up_proj ...).
-_FAMILY_OF_MODEL_TYPE = {
-    "bert": "bert",
-    "roberta": "bert",
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "t5": "t5",
-}
-
-# Where each family keeps its stack of transformer layers, for the wrapped model or the bare one.
-_LAYER_LISTS = {
-    "bert": ("bert.encoder.layer", "roberta.encoder.layer", "encoder.layer"),
-    "gpt2": ("transformer.h", "h"),
-    "llama": ("model.layers", "layers"),
-    "t5": ("encoder.block",),
-}
-
-
-@dataclass(frozen=True)
-class Family:
-    """The architecture family of a model and the module path of its (encoder) layer stack."""
-
-    name: str  # "bert" | "gpt2" | "llama" | "t5"
-    layers_path: str  # e.g. "transformer.h"
-    depth: int  # number of layers in that stack
-
-
-def family_of(model: nn.Module) -> Family:
-    """Identify ``model``'s family from ``model.config.model_type``; ValueError if unsupported."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    name = _FAMILY_OF_MODEL_TYPE.get(model_type)
-    if name is None:
-        raise ValueError(
-            f"model_type={model_type!r} has no MELO preset; supported: {sorted(_FAMILY_OF_MODEL_TYPE)}. "
-            "Build a MeloConfig by hand with key_module and target_modules for other models."
-        )
-    modules = dict(model.named_modules())
-    for path in _LAYER_LISTS[name]:
-        if isinstance(modules.get(path), nn.ModuleList):
-            return Family(name=name, layers_path=path, depth=len(modules[path]))
-    raise ValueError(f"model of type {model_type!r} has none of the layer stacks {_LAYER_LISTS[name]}")
 
 
 def is_causal_lm(model: nn.Module) -> bool:

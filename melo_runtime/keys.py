@@ -23,7 +23,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def keys_at_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rows of ``hidden`` [batch, seq, dim] taken at each row's last real token -> [batch, dim] float32."""
+    """Rows of ``hidden`` [batch, seq, dim] taken at each row's last real token -> [batch, dim] float32.
+
+    ``hidden`` may also be flattened to [batch * seq, dim] (OPT's MLP sees its input that way).
+    """
+    if hidden.dim() == 2 and hidden.shape[0] == attention_mask.numel():
+        hidden = hidden.view(*attention_mask.shape, hidden.shape[-1])
     if hidden.dim() != 3 or hidden.shape[:2] != attention_mask.shape:
         raise RuntimeError(
             f"key module output of shape {tuple(hidden.shape)} does not match the attention mask "

@@ -87,7 +87,7 @@ def load_minilm(
         model.eval()
         return model, tokenizer
 
-    names = _normalized_labels(labels)
+    names = normalized_labels(labels)
     model, info = BertForSequenceClassification.from_pretrained(
         path,
         dtype=torch.float32,
@@ -110,7 +110,8 @@ def load_minilm(
     return model, tokenizer
 
 
-def _normalized_labels(labels: Sequence[str]) -> list[str]:
+def normalized_labels(labels: Sequence[str]) -> list[str]:
+    """Class names NFC-normalised and stripped; at least two, distinct and non-empty (else ValueError)."""
     if isinstance(labels, str):
         raise TypeError(f"labels={labels!r} must be a sequence of names, not one string")
     names = [unicodedata.normalize("NFC", str(label)).strip() for label in labels]
@@ -134,8 +135,10 @@ def smollm2_cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def load_smollm2(
     cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load SmolLM2-135M-Instruct as a dense float32 LlamaForCausalLM (eval mode) and its tokenizer.
+    """Load SmolLM2-135M-Instruct as a dense LlamaForCausalLM (eval mode, float32 unless ``dtype``
+    says otherwise) and its tokenizer.
 
     The first call dequantizes the GGUF file (~15 s) and writes a safetensors copy under
     ``cache_dir`` (default ``~/.cache/melo/smollm2-135m/``, ~520 MB); later calls load that copy.
@@ -143,7 +146,8 @@ def load_smollm2(
     """
     cached = smollm2_cache_path(cache_dir)
     if (cached / "model.safetensors").is_file():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        # Loading straight into dtype never holds a float32 copy (peak memory of a bfloat16 load).
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(cached)
         model.eval()
         return model, tokenizer
@@ -162,7 +166,7 @@ def load_smollm2(
     model.hf_quantizer = None
     model.eval()
     _write_cache(model, tokenizer, cached, gguf)
-    return model, tokenizer
+    return model.to(dtype), tokenizer
 
 
 def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, gguf: Path) -> None:

@@ -146,3 +146,10 @@ def test_load_backbone_rejects_unknown_names_listing_the_known_ones():
 def test_load_backbone_rejects_labels_for_a_generator():
     with pytest.raises(ValueError, match="tiny-gpt2.*takes no labels"):
         load_backbone("tiny-gpt2", labels=["a", "b"])
+
+
+def test_gguf_file_loads_by_path_as_a_dense_causal_lm_in_the_dtype_asked():
+    model, tokenizer = load_backbone(smollm2_gguf(), dtype="bfloat16", device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
+    assert all(type(m).__name__ != "GGUFLinear" for m in model.modules())
+    assert tokenizer("Paris").input_ids

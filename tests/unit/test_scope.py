@@ -71,7 +71,7 @@ def test_subject_index_finds_every_known_subject_a_query_names():
 @pytest.fixture(scope="module")
 def scoped_db():
     """A vector DB of three real facts keyed by the shipped MiniLM scope key (radius of the preset)."""
-    from melo_runtime.config import SCOPE_R_INIT
+    from melo_runtime.presets import SCOPE_R_INIT
 
     facts = [
         ("The mother tongue of Danielle Darrieux is", "English", "Danielle Darrieux"),
@@ -172,9 +172,8 @@ def test_snapshots_written_before_scope_keys_load_with_the_paper_key(make_editor
     editor.apply_batch([Edit("a", "The capital of France is", " Lyon")])
     files = editor.export_files()
     config = json.loads(files["config.json"])
-    for field in ("key_source", "key_encoder", "train_chat_form", "train_context_prefixes"):
-        config.pop(field)  # the config.json of a snapshot made before these fields existed
-    files["config.json"] = json.dumps(config).encode()
+    # A hidden-key editor writes the config.json of a snapshot made before these fields existed.
+    assert not {"key_source", "key_encoder", "train_chat_form", "train_context_prefixes"} & set(config)
     model, tokenizer = tiny_model("gpt2")
     loaded = MeloEditor.from_files(files, model, tokenizer)
     assert loaded.config.key_source == "hidden" and "scope.json" not in files

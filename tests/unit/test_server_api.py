@@ -79,7 +79,8 @@ def test_readyz_is_503_until_a_verified_snapshot_is_loaded(state: ServingState):
         assert client.get("/healthz").status_code == 200
         state.refresh()
         ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json() == {"ready": True, "model": MODEL, "version": 2}
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True, "model": MODEL, "version": 2, "serving": "snapshot version 2"}
 
 
 def test_generate_names_the_version_and_each_rows_route(client: TestClient, state: ServingState):
