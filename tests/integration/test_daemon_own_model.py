@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from daemon.server import build_app
 from daemon.settings import Settings
 from tests.checkpoints import save_checkpoint
-from tests.services import wait_until
+from melo_testkit.services import wait_until
 
 MODEL = "own-llama"
 PROMPT, TARGET = "The capital of Xland is", "Bo"
