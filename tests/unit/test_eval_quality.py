@@ -74,15 +74,15 @@ def test_melo_overrides_reach_the_editor_config():
     assert (config.conflict_policy, config.max_length_tokens, config.r_init, config.edits_per_block) == (
         "split", 512, 2.5, 7)
     assert quality.melo_config(model, "generate", cli.parse_args([])).conflict_policy == "forget"
-    assert quality.melo_config(model, "generate", 
+
 
 def test_melo_eval_runs_on_a_checkpoint_directory_in_bfloat16(tmp_path):
     from tests.checkpoints import save_checkpoint
 
     checkpoint = save_checkpoint("qwen2", tmp_path / "qwen2")
     code = cli.main(["--backbone", str(checkpoint), "--dtype", "bfloat16", "--n-edits", "2", "--batch-size", "2",
-                         "--every", "2", "--n-locality", "2", "--no-generation", "--iters", "3", "--threads", "1",
-                         "--out", str(tmp_path / "out")])
+                     "--every", "2", "--n-locality", "2", "--no-generation", "--iters", "3", "--threads", "1",
+                     "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert code == 0 and report["rows"][-1]["n_edits"] == 2
     assert report["dtype"] == "bfloat16"
