@@ -30,10 +30,10 @@ import torch
 
 from melo_eval import datasets
 from melo_eval.quality import exact_match
-from melo_runtime import MeloConfig, MeloEditor
+from melo_runtime import MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_runtime.chat import question_of
-from melo_runtime.presets import SCOPE_PRESET
+from melo_runtime.presets import SCOPE_PRESET, preset_for
 from melo_runtime.edits import Edit
 
 VARIANTS = {
@@ -92,14 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         stream = datasets.counterfact_stream(args.data_dir, args.n_edits)
         stream.locality = stream.locality[: args.n_locality]
-    preset = MeloConfig.for_model(model)
+    preset = preset_for(model)
     print("| variant | es | gen | gen_routed | chat | loc | chat_loc | train_s |")
     print("|---|---|---|---|---|---|---|---|")
     base_loc = base_chat_loc = None
     for name in args.variants.split(","):
         config = dataclasses.replace(preset, **VARIANTS[name])
         if name == "paper":
-            config = dataclasses.replace(config, r_init=MeloConfig.for_model(model, key_source="hidden").r_init)
+            config = dataclasses.replace(config, r_init=preset_for(model, key_source="hidden").r_init)
         editor = MeloEditor(model, tokenizer, config)
         if base_loc is None:
             base_loc = editor.generate([p.prompt for p in stream.locality], 8)

@@ -31,6 +31,7 @@ import torch
 
 from melo_eval import datasets
 from melo_eval.tables import markdown_table
+from melo_runtime.presets import preset_for
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from dataclasses import replace
 
-    from melo_runtime import MeloConfig, MeloEditor
+    from melo_runtime import MeloEditor
     from melo_runtime.backbones import load_backbone
     from melo_runtime.presets import calibrate_r_init
     from melo_runtime.edits import normalize_label
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_backbone(args.backbone)
     stream = load_stream(args)
     with_rephrase = [c for c in stream.cases if c.rephrases]
-    preset = MeloConfig.for_model(model)
+    preset = preset_for(model)
     stack = preset.key_module.split(".mlp.")[0].rsplit(".", 1)[0]  # e.g. model.layers
     results = []
     for layer in [int(x) for x in args.layers.split(",")]:

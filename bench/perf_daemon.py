@@ -53,6 +53,7 @@ from daemon.settings import Settings
 from daemon.worker import BackboneEditors, build_worker
 from melo_runtime import BatchResult, Edit, MeloConfig
 from melo_testkit.services import create_topics, wait_until
+from melo_runtime.presets import preset_for
 
 TRAINERS = ("melo", "noop")
 DRAIN_TIMEOUT_S = 600.0
@@ -119,7 +120,7 @@ class NoOpEditors:
     def __init__(self, real: BackboneEditors) -> None:
         self.base_model = real.base_model
         self.device = real.device
-        self._config = MeloConfig.for_model(real.model, real.task)
+        self._config = preset_for(real.model, real.task)
 
     def fresh(self) -> NoOpEditor:
         """A control with no edits."""

@@ -3,7 +3,7 @@
     python -m bench.perf_memory --backbone smollm2-135m --edits 300 --iterations 2
 
 Replays real zsRE edits through a :class:`MeloEditor` with the backbone's shipped preset
-(``MeloConfig.for_model``), one micro-batch of ``edits_per_block`` edits per block as the daemon
+(``preset_for``), one micro-batch of ``edits_per_block`` edits per block as the daemon
 does, and publishes every batch as a version through the real :class:`FsSnapshotStore`. Measured
 per version: the size of each snapshot file, the bytes of blobs the store had to write (blobs it
 already held are re-used, so unchanged block files cost nothing), and the parameters in the
@@ -43,9 +43,10 @@ from melo_eval import datasets
 from bench.perf_common import environment, write_report, zsre_edits
 from melo_eval.tables import markdown_table
 from daemon.snapshot_store_fs import FsSnapshotStore
-from melo_runtime import MeloConfig, MeloEditor
+from melo_runtime import MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_runtime.pretrained import backbone_fingerprint
+from melo_runtime.presets import preset_for
 
 MODEL_NAME = "perf-memory"
 GROWTH_POINTS = (1_000, 10_000)
@@ -109,7 +110,7 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Apply and publish the edits; return the per-version measurements and the layout."""
     model, tokenizer = load_backbone(args.backbone)
-    preset = MeloConfig.for_model(model, "generate")
+    preset = preset_for(model, "generate")
     batch = args.batch or preset.edits_per_block
     config = dataclasses.replace(preset, iterations=args.iterations, edits_per_block=batch)
     editor = MeloEditor(model, tokenizer, config)

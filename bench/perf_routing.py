@@ -34,6 +34,7 @@ import torch
 
 from melo_eval import datasets
 from melo_runtime.scope import infer_subject, normalized_subject
+from melo_runtime.presets import preset_for
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -108,11 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Measure base vs edited forward for each number of indexed edits; write JSON + markdown."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from melo_runtime import MeloConfig, MeloEditor
+    from melo_runtime import MeloEditor
     from melo_runtime.backbones import load_backbone
 
     model, tokenizer = load_backbone(args.backbone)
-    config = MeloConfig.for_model(model)
+    config = preset_for(model)
     config = dataclasses.replace(config, r_init=config.r_init * args.r_init_scale)
     prompts = [c.prompt for c in datasets.zsre_stream(args.data_dir, args.batch, n_locality=0).cases]
     rows = []

@@ -44,10 +44,11 @@ from melo_eval import datasets
 from bench.perf_common import REPO_ROOT, environment, latency_summary, write_report, zsre_edits
 from melo_eval.tables import markdown_table
 from daemon.snapshot_store_fs import FsSnapshotStore
-from melo_runtime import MeloConfig, MeloEditor
+from melo_runtime import MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_runtime.pretrained import backbone_fingerprint
 from melo_testkit.services import free_port, wait_until
+from melo_runtime.presets import preset_for
 
 BASE_MODEL, EDITED_MODEL = "perf-base", "perf-edited"
 SERVER_START_TIMEOUT_S = 180.0  # a cold SmolLM2 load on a busy 2-core machine
@@ -80,7 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def publish_snapshots(root: Path, args: argparse.Namespace, edits: list) -> dict[str, Any]:
     """Publish the base (no edits) and edited snapshots; return what the report needs about them."""
     model, tokenizer = load_backbone(args.backbone)
-    preset = MeloConfig.for_model(model, "generate")
+    preset = preset_for(model, "generate")
     config = dataclasses.replace(preset, iterations=args.iterations or preset.iterations)
     store = FsSnapshotStore(root)
     meta = {"base_model": {"id": args.backbone, "weights_sha256": backbone_fingerprint(model)},

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from melo_eval import datasets
+from melo_runtime.presets import preset_for
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -77,12 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from melo_runtime.attach import attach
     from melo_runtime.backbones import load_backbone
-    from melo_runtime.config import MeloConfig
     from melo_runtime.encoding import TextEncoder
 
     sizes = [int(s) for s in args.sizes.split(",")]
     model, tokenizer = load_backbone(args.backbone)
-    config = MeloConfig.for_model(model)
+    config = preset_for(model)
     attachment = attach(model, config)
     encoder = TextEncoder(model, tokenizer)
     stream = datasets.zsre_stream(args.data_dir, max(sizes), n_locality=0)

@@ -15,6 +15,8 @@ from typing import Any
 
 from daemon.settings import Settings
 
+# What a scope-keyed preset adds (docs/generality.md).
+SCOPE_FIELDS = ("key_source", "key_encoder", "train_chat_form")
 PINNED_FIELDS = ("key_module", "target_modules", "rank_per_block", "r_init", "edits_per_block")
 
 
@@ -75,7 +77,8 @@ def preset_toml(backbone: str, model: Any, preset: Any) -> str:
         "# Paste this table into the settings file to pin the preset.",
         "[melo]",
     ]
-    lines += [f"{name} = {_toml_value(config[name])}" for name in PINNED_FIELDS]
+    pinned = PINNED_FIELDS + (SCOPE_FIELDS if config.get("key_source") == "scope" else ())
+    lines += [f"{name} = {_toml_value(config[name])}" for name in pinned]
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="replay through the whole daemon pipeline (Kafka-protocol broker + Redis + snapshots, "
                              "started on loopback) and score the published versions as a replica loads them; "
                              "generation streams and --method melo only (melo_eval/quality_daemon.py)")
-    melo = parser.add_argument_group("MELO config overrides (default: MeloConfig.for_model)")
+    melo = parser.add_argument_group("MELO config overrides (default: melo_runtime.presets.preset_for)")
     melo.add_argument("--key-source", choices=("hidden", "scope"),
                       help="edit keys: the paper's hidden state or the scope key (default: the preset; melo-paper: hidden)")
     melo.add_argument("--r-init", type=float)

@@ -44,6 +44,7 @@ from melo_eval.datasets import EditCase, Stream
 from melo_eval.methods import EditMethod
 from melo_eval.tables import markdown_table
 from melo_runtime.chat import question_of
+from melo_runtime.presets import preset_for
 
 STREAMS = ("zsre", "counterfact", "hallucination", "scotus", "huffpost")
 
@@ -80,12 +81,12 @@ def build_stream(args: argparse.Namespace, base: EditMethod | None = None, token
 
 
 def melo_config(model, task: str, args: argparse.Namespace):
-    """MeloConfig.for_model with the command-line overrides applied."""
+    """The preset (melo_runtime.presets.preset_for) with the command-line overrides applied."""
     from melo_runtime import MeloConfig
 
     # melo-paper is the published method: the paper's hidden-state key and training rows.
     key_source = getattr(args, "key_source", None) or ("hidden" if getattr(args, "method", "melo") == "melo-paper" else None)
-    config = MeloConfig.for_model(model, task, key_source=key_source)
+    config = preset_for(model, task, key_source=key_source)
     overrides = {
         "r_init": args.r_init,
         "iterations": args.iters,

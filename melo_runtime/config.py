@@ -1,7 +1,7 @@
 """MeloConfig: where the keys come from, which layers get block LoRA, and how blocks are trained.
 
 This module declares the fields; :mod:`melo_runtime.presets` derives them for a given model
-(``MeloConfig.for_model(model)`` delegates there).
+(``preset_for(model)``), as PEFT's LoraConfig only declares.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from torch import nn
 
 from melo_runtime.vectordb import CONFLICT_POLICIES
 
@@ -125,12 +124,3 @@ class MeloConfig:
         if unknown:
             raise ValueError(f"MeloConfig has no field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, task: str | None = None, key_source: str | None = None) -> MeloConfig:
-        """The preset for ``model`` found from its module structure (see :mod:`melo_runtime.presets`):
-        scope keys for generation editors, the paper's hidden-state key for classifiers, unless
-        ``key_source`` says otherwise."""
-        from melo_runtime.presets import preset_for  # presets builds on this module
-
-        return preset_for(model, task, key_source=key_source)

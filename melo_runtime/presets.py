@@ -195,7 +195,7 @@ def derive_preset(model: nn.Module, task: str | None = None, key_source: str | N
 def preset_for(
     model: nn.Module, task: str | None = None, overrides: dict | None = None, key_source: str | None = None
 ) -> MeloConfig:
-    """The :class:`MeloConfig` of :func:`derive_preset` (what ``MeloConfig.for_model`` returns),
+    """The :class:`MeloConfig` of :func:`derive_preset` (the preset an editor of ``model`` starts from),
     with ``overrides`` of its fields on top (ValueError naming any name that is not a field). An
     override of ``key_source`` picks that key's preset before the other overrides apply."""
     key_source = key_source or (overrides or {}).get("key_source")

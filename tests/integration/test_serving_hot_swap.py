@@ -21,6 +21,7 @@ from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import Edit, MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
 from melo_testkit.services import free_port, wait_until
+from melo_runtime.presets import preset_for
 
 MODEL = "tiny-gpt2"
 OVERRIDES = {"rank_per_block": 8, "iterations": 100, "lr": 0.02, "lr_step": 50}
@@ -35,7 +36,7 @@ def swaps() -> float:
 
 
 def publish_versions(store: FsSnapshotStore, model, tokenizer) -> list[int]:
-    config = MeloConfig.from_dict(MeloConfig.for_model(model, "generate").to_dict() | OVERRIDES)
+    config = MeloConfig.from_dict(preset_for(model, "generate").to_dict() | OVERRIDES)
     editor = MeloEditor(model, tokenizer, config)
     parent = None
     versions = []

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from melo_runtime.presets import preset_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,13 +23,13 @@ def make_editor():
 
     ``key_source=None`` takes the family's preset (scope keys for generation, hidden for classifiers).
     """
-    from melo_runtime import MeloConfig, MeloEditor
+    from melo_runtime import MeloEditor
     from melo_runtime.tiny import tiny_model
 
     def build(family: str, *, learnable: bool = False, key_source: str | None = None, **overrides):
         model, tokenizer = tiny_model(family)
         changes = {**(LEARNABLE if learnable else {}), **overrides}
-        config = dataclasses.replace(MeloConfig.for_model(model, key_source=key_source), **changes)
+        config = dataclasses.replace(preset_for(model, key_source=key_source), **changes)
         return MeloEditor(model, tokenizer, config)
 
     return build

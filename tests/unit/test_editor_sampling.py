@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from melo_runtime import MeloConfig, MeloEditor
+from melo_runtime import MeloEditor
 from melo_runtime.backbones import load_backbone
+from melo_runtime.presets import preset_for
 
 PROMPTS = ["The sky is", "Numbers like 7 and"]
 
@@ -13,7 +14,7 @@ PROMPTS = ["The sky is", "Numbers like 7 and"]
 @pytest.fixture(scope="module")
 def editor() -> MeloEditor:
     model, tokenizer = load_backbone("tiny-gpt2")
-    return MeloEditor(model, tokenizer, MeloConfig.for_model(model, "generate"))
+    return MeloEditor(model, tokenizer, preset_for(model, "generate"))
 
 
 def test_temperature_zero_is_the_greedy_default(editor):

@@ -3,6 +3,7 @@
 import pytest
 
 from melo_runtime import Edit, MeloConfig
+from melo_runtime.presets import preset_for
 
 GOOD = Edit("ok", "The capital of France is", " Lyon")
 
@@ -93,7 +94,7 @@ def test_a_key_module_above_a_lora_layer_is_refused(make_editor):
     from melo_runtime.tiny import tiny_model
 
     model, tokenizer = tiny_model("gpt2")
-    config = MeloConfig.for_model(model)
+    config = preset_for(model)
     config.key_module = "transformer.h.5.mlp.c_proj"
     with pytest.raises(ValueError, match="runs before key_module"):
         MeloEditor(model, tokenizer, config)

@@ -20,9 +20,12 @@ def test_melo_preset_prints_the_derived_preset_as_toml(tmp_path, capsys):
         "rank_per_block": expected.rank_per_block,
         "r_init": expected.r_init,
         "edits_per_block": expected.edits_per_block,
+        "key_source": "scope",
+        "key_encoder": "minilm-l6",
+        "train_chat_form": True,
     }
     assert "layout decoder: layer stack model.layers (6 layers)" in printed
-    assert "median pairwise L2 distance" in printed
+    assert "scope key (minilm-l6 embedding + subject code)" in printed
 
 
 def test_melo_preset_on_a_missing_path_says_why_without_a_traceback(tmp_path, capsys):

@@ -7,8 +7,7 @@ import torch
 import transformers
 from torch import nn
 
-from melo_runtime import MeloConfig
-from melo_runtime.presets import derive_preset
+from melo_runtime.presets import derive_preset, preset_for
 from melo_runtime.tiny import tiny_model
 from tests import checkpoints
 
@@ -35,7 +34,7 @@ def test_shipped_tiny_backbones_keep_their_official_layouts():
                "decoder.block.3.layer.2.DenseReluDense.wo"], 2, 100),
     }
     for family, (key, targets, rank, per_block) in expected.items():
-        config = MeloConfig.for_model(tiny_model(family)[0])
+        config = preset_for(tiny_model(family)[0])
         assert (config.key_module, config.target_modules) == (key, targets), family
         assert (config.rank_per_block, config.edits_per_block) == (rank, per_block), family
         assert config.r_init > 0
@@ -70,6 +69,9 @@ def test_preset_is_found_from_the_module_structure_of_each_family(family):
     assert preset.config.target_modules[0] == first_target
     assert preset.config.target_modules[-1] == last_target
     assert preset.config.key_module not in preset.config.target_modules
+    if preset.config.task == "generate":  # generation editors key edits by scope (docs/generality.md)
+        assert preset.config.key_source == "scope" and "scope key" in preset.calibration()
+        preset = derive_preset(_model(family), key_source="hidden")
     assert preset.config.r_init > 0 and "median pairwise L2 distance" in preset.calibration()
 
 

@@ -18,6 +18,7 @@ from daemon.settings import Settings
 from daemon.snapshot_store_fs import FsSnapshotStore
 from melo_runtime import Edit, MeloConfig, MeloEditor
 from melo_runtime.backbones import load_backbone
+from melo_runtime.presets import preset_for
 
 MODEL = "tiny-gpt2"
 TOKEN = "s3cret-admin-token"
@@ -32,7 +33,7 @@ UNRELATED = "Hello there, friend"
 
 def publish_versions(store: FsSnapshotStore, model, tokenizer, batches: list[list[Edit]]) -> list[int]:
     """Train each batch as one block and publish a version after each, as the writer does."""
-    config = MeloConfig.from_dict(MeloConfig.for_model(model, "generate").to_dict() | OVERRIDES)
+    config = MeloConfig.from_dict(preset_for(model, "generate").to_dict() | OVERRIDES)
     editor = MeloEditor(model, tokenizer, config)
     versions: list[int] = []
     parent = None
