@@ -6,6 +6,7 @@ shared SmolLM2-135M-Instruct and reports, after the last batch (greedy decoding 
 * ``es``: rewrite exact match on the edit prompts;
 * ``gen``: exact match on the held-out rephrases (never shown to the editor);
 * ``gen_routed``: the share of held-out rephrases routed to their own edit's block;
+* ``gen|routed``: exact match among those rephrases (generality given correct routing);
 * ``chat``: the held-out rephrase asked as a chat user message (no ``Q: ... A:`` wrapper): the reply
   contains the target;
 * ``loc`` / ``chat_loc``: locality probes (NQ questions; CounterFact neighbourhood prompts) whose
@@ -41,7 +42,20 @@ VARIANTS = {
     "scope": {**SCOPE_PRESET, "train_chat_form": False, "train_context_prefixes": 0},
     "scope+chat": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
     "scope+chat+prefix": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 4},
+    "scope+chat+6layers": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
 }
+# Variants whose blocks sit on more of the top layers than the preset's (the same projections).
+LORA_LAYERS = {"scope+chat+6layers": 6}
+
+
+def top_layer_targets(targets: list[str], layers: int) -> list[str]:
+    """The preset's target projections on the top ``layers`` layers (names like ``model.layers.29.mlp.up_proj``)."""
+    parsed = [name.split(".") for name in targets]
+    index = next(i for i, part in enumerate(parsed[0]) if part.isdigit())
+    top = max(int(p[index]) for p in parsed)
+    suffixes = sorted({".".join(p[index + 1 :]) for p in parsed})
+    stem = ".".join(parsed[0][:index])
+    return [f"{stem}.{layer}.{suffix}" for layer in range(top - layers + 1, top + 1) for suffix in suffixes]
 
 
 def chat(question: str) -> list[dict[str, str]]:
@@ -64,12 +78,15 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
     chats = editor.generate([chat(r) for r in rephrases], 16)
     loc = editor.generate([p.prompt for p in stream.locality], 8)
     chat_loc = editor.generate([chat(p.prompt) for p in stream.locality], 8)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    routed = [r is not None and o is not None and r.block == o.block and r.cluster == o.cluster
+              for r, o in zip(routes, own)]
+    hits = [exact_match(g, t) for g, t in zip(gen, targets)]
     return {
         "es": mean([exact_match(g, t) for g, t in zip(es, targets)]),
-        "gen": mean([exact_match(g, t) for g, t in zip(gen, targets)]),
-        "gen_routed": mean([r is not None and o is not None and r.block == o.block and r.cluster == o.cluster
-                            for r, o in zip(routes, own)]),
+        "gen": mean(hits),
+        "gen_routed": mean(routed),
+        "gen_given_routed": mean([h for h, r in zip(hits, routed) if r]),
         "chat": mean([contains(g, t) for g, t in zip(chats, targets)]),
         "loc": mean([a == b for a, b in zip(loc, base_loc)]),
         "chat_loc": mean([a == b for a, b in zip(chat_loc, base_chat_loc)]),
@@ -93,11 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream = datasets.counterfact_stream(args.data_dir, args.n_edits)
         stream.locality = stream.locality[: args.n_locality]
     preset = preset_for(model)
-    print("| variant | es | gen | gen_routed | chat | loc | chat_loc | train_s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | es | gen | gen_routed | gen|routed | chat | loc | chat_loc | train_s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base_loc = base_chat_loc = None
     for name in args.variants.split(","):
         config = dataclasses.replace(preset, **VARIANTS[name])
+        if name in LORA_LAYERS:
+            config = dataclasses.replace(config, target_modules=top_layer_targets(config.target_modules, LORA_LAYERS[name]))
         if name == "paper":
             config = dataclasses.replace(config, r_init=preset_for(model, key_source="hidden").r_init)
         editor = MeloEditor(model, tokenizer, config)
@@ -110,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             editor.apply_batch([Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in batch])
         seconds = time.perf_counter() - started
         r = evaluate(editor, stream, base_loc, base_chat_loc)
-        print(f"| {name} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['chat']:.3f} | "
+        print(f"| {name} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['gen_given_routed']:.3f} | {r['chat']:.3f} | "
               f"{r['loc']:.3f} | {r['chat_loc']:.3f} | {seconds:.0f} |", flush=True)
     return 0
 
