@@ -154,6 +154,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "graph_files_bytes": sum(len(d) for n, d in files.items() if n.startswith("graph/")),
                     "index_file_bytes": len(files["index.json"]),
                     "config_file_bytes": len(files["config.json"]),
+                    # scope-keyed editors: the encoder identity and the known subjects (grows with them)
+                    "scope_file_bytes": len(files.get("scope.json", b"")),
                     "version_bytes": manifest.total_bytes,
                     "new_blob_bytes": sum(written.values()),
                     "manifest_bytes": (Path(root) / MODEL_NAME / "versions" / f"{manifest.version}.json").stat().st_size,

@@ -28,12 +28,13 @@ def test_run_measures_block_params_and_reuses_unchanged_blobs(tmp_path):
     assert report["measured_block_params_total"] == 3 * report["params_per_block"]
     block = report["block_file_bytes"]
     for r in rows[1:]:
-        # Only the new block, its key segment and the index are written; older blocks and key segments
-        # and the config are re-used.
-        assert r["new_blob_bytes"] == block + r["keys_file_bytes"] + r["index_file_bytes"]
+        # Only the new block, its key segment, the index and the scope's subject list are written;
+        # older blocks and key segments and the config are re-used.
+        assert r["new_blob_bytes"] == block + r["keys_file_bytes"] + r["index_file_bytes"] + r["scope_file_bytes"]
         assert r["graph_files_bytes"] == 0  # far below the exact-scan size: no HNSW graph
         assert r["version_bytes"] == (
             r["blocks"] * block + r["keys_files_total_bytes"] + r["index_file_bytes"] + r["config_file_bytes"]
+            + r["scope_file_bytes"]
         )
     growth = {g["edits"]: g for g in report["growth"]}
     assert growth[10]["measured"] and not growth[10_000]["measured"]

@@ -9,7 +9,8 @@ FACTS = [("The capital of France is", " Lyon"), ("Who wrote Hamlet?", " Marlowe"
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_generation_edits_are_learned_and_generated(make_editor, family):
-    editor = make_editor(family, learnable=True)
+    # The prompt rows alone: chat-form rows are covered in test_scope.py.
+    editor = make_editor(family, learnable=True, train_chat_form=False)
     for i, (prompt, target) in enumerate(FACTS):
         result = editor.apply_batch([Edit(f"e{i}", prompt, target)])
         assert result.learned == {f"e{i}": True} and result.block_id == i
