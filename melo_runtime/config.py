@@ -61,6 +61,13 @@ class MeloConfig:
     # halved radius, or within R_init of the new key (the paper's rule), or "split" them into
     # clusters of their own, forgetting only a re-edit of the same input (melo_runtime/vectordb.py).
     conflict_policy: str = "forget"
+    # Training budget (melo_runtime/trainer.py). ``edits_per_block`` also caps how many edits share one
+    # block: a bigger batch trains several blocks at once. Past ``iterations``, training goes on while
+    # the loss still falls, up to ``max_iterations``; edits still not learned are retrained up to
+    # ``retry_rounds`` times in fresh blocks holding half as many edits each round, with a larger step.
+    max_iterations: int = 200
+    retry_rounds: int = 3
+    retry_lr_factor: float = 2.0  # retry round r starts from lr x retry_lr_factor**r
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -79,6 +86,8 @@ class MeloConfig:
             "r_init": self.r_init,
             "edits_per_block": self.edits_per_block,
             "iterations": self.iterations,
+            "max_iterations": self.max_iterations,
+            "retry_lr_factor": self.retry_lr_factor,
             "lr": self.lr,
             "lr_step": self.lr_step,
             "lr_gamma": self.lr_gamma,
@@ -92,6 +101,8 @@ class MeloConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name}={value!r} must be > 0")
+        if self.retry_rounds < 0:
+            raise ValueError(f"retry_rounds={self.retry_rounds!r} must be >= 0")
         if self.max_rephrases < 0:
             raise ValueError(f"max_rephrases={self.max_rephrases!r} must be >= 0")
         if self.conflict_policy not in CONFLICT_POLICIES:

@@ -39,9 +39,10 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
     assert len(cached.losses) == len(full.losses) == 9
     assert torch.allclose(torch.tensor(cached.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
     assert cached.losses[-1] < cached.losses[0]
-    for name, (a, b) in cached.factors.items():
-        assert torch.allclose(a, full.factors[name][0], atol=1e-5)
-        assert torch.allclose(b, full.factors[name][1], atol=1e-5)
+    assert len(cached.blocks) == len(full.blocks) == 1
+    for name, (a, b) in cached.blocks[0].items():
+        assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
+        assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
 
 
 def test_replayed_layers_skip_their_computation(make_editor):
