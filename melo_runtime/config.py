@@ -68,6 +68,10 @@ class MeloConfig:
     max_iterations: int = 200
     retry_rounds: int = 3
     retry_lr_factor: float = 2.0  # retry round r starts from lr x retry_lr_factor**r
+    # False (default): an edit not learned within that budget keeps no key and is reported not_learned.
+    # True: it is indexed anyway and counts as applied (learned=False), the behaviour before the
+    # guarantee; for delivery tests whose deliberately tiny budget learns nothing.
+    index_not_learned: bool = False
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)

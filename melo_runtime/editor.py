@@ -118,7 +118,9 @@ class MeloEditor:
             trained_ids = {row.edit_id for row in rows}
             # An edit not learned keeps no key: routing never sends an input to a block without it.
             not_learned = sorted(edit_id for edit_id in trained_ids if not learned[edit_id])
-            indexed = [i for i, row in enumerate(rows) if learned[row.edit_id]]
+            if self.config.index_not_learned:
+                not_learned = []
+            indexed = [i for i, row in enumerate(rows) if row.edit_id not in not_learned]
             blocks, row_block = trained.compact(indexed, block_id)
             db = copy_db(self._db)
             report = db.insert(
