@@ -9,8 +9,9 @@ MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes
 - **Per-row early exit.** A row whose teacher-forced argmax reproduces its target leaves the batch;
   when none is left, every row is checked again and any that slipped back rejoins.
 - **Iterations extend while the loss still falls**, up to ``max_iterations``.
-- **Retry blocks.** Edits still not learned are trained again in fresh blocks holding fewer edits
-  (half as many per retry round, down to one), ``retry_rounds`` times, in the same batch.
+- **Retry blocks.** Edits still not learned are trained again from scratch, each in a fresh block
+  of its own (a new optimizer; a schedule that decays more slowly each round), up to
+  ``retry_rounds`` times, within the same batch.
 - **Cheap steps.** The frozen layers below the first LoRA layer run once per batch
   (:mod:`melo_runtime.prefix_cache`) and a causal LM computes its vocabulary projection only for the
   last positions, where the targets are.
@@ -112,7 +113,9 @@ def train_block(
         count = max(assignment.values()) + 1
         first = block_id + len(result.blocks)
         trained = {name: _init_blocks(layer, first, count, config.seed) for name, layer in factors.items()}
-        learned, losses = _fit(step, pending, assignment, trained, config, result, round_)
+        # A retry decays its learning rate more slowly (gamma ** 1/(r+1)): the hard edits need more steps.
+        gamma = config.lr_gamma ** (1.0 / (round_ + 1))
+        learned, losses = _fit(step, pending, assignment, trained, config, result, gamma)
         for row in pending:
             result.row_blocks[row] = len(result.blocks) + assignment[row]
             result.learned[row] = learned[row]
@@ -123,7 +126,7 @@ def train_block(
         result.rounds = round_ + 1
         failed = {groups[row] for row in pending if not result.learned[row]}
         pending = [row for row in range(rows) if groups[row] in failed]
-        per_block = max(1, per_block // 2)
+        per_block = 1  # a retry gives every edit still failing a block of its own
     return result
 
 
@@ -149,12 +152,12 @@ def _fit(
     trained: dict[str, tuple[torch.Tensor, torch.Tensor]],
     config: MeloConfig,
     result: TrainResult,
-    round_: int,
+    gamma: float,
 ) -> tuple[dict[int, bool], dict[int, float]]:
     """One round: Adam on ``trained`` over ``rows`` with per-row early exit and a progress-driven budget."""
     parameters = [tensor for pair in trained.values() for tensor in pair]
-    optimizer = torch.optim.Adam(parameters, lr=config.lr * config.retry_lr_factor**round_)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=gamma)
     everyone = torch.tensor(rows, dtype=torch.long)
     block_of = torch.tensor([assignment[row] for row in rows], dtype=torch.long)
     active = torch.arange(len(rows))  # positions in ``rows`` still training
