@@ -187,7 +187,9 @@ class RunResult:
 
 def settings_for(run: str, spec: RunSpec, args: argparse.Namespace, services: Services) -> Settings:
     """Settings as a deployment would write them, for one run's own model namespace and topics."""
-    melo = {"iterations": args.iterations} if args.iterations else {}
+    # A fixed --iterations measures the pipeline, not learning: no extension or retry, edits indexed regardless.
+    melo = ({"iterations": args.iterations, "max_iterations": args.iterations, "retry_rounds": 0,
+             "index_not_learned": True} if args.iterations else {})
     return writer_settings(run, services, backbone=args.backbone, melo=melo,
                            batch={"max_size": spec.batch, "max_wait_s": args.max_wait})
 

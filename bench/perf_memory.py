@@ -112,7 +112,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_backbone(args.backbone)
     preset = preset_for(model, "generate")
     batch = args.batch or preset.edits_per_block
-    config = dataclasses.replace(preset, iterations=args.iterations, edits_per_block=batch)
+    # Storage per block is measured: exactly one block per batch, indexed whether learned or not.
+    config = dataclasses.replace(preset, iterations=args.iterations, edits_per_block=batch,
+                                 max_iterations=args.iterations, retry_rounds=0, index_not_learned=True)
     editor = MeloEditor(model, tokenizer, config)
     edits = zsre_edits(args.edits, args.data_dir)
     base = {"id": args.backbone, "weights_sha256": backbone_fingerprint(model)}

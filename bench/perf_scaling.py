@@ -172,7 +172,9 @@ class LoopbackCluster:
                 f'model = "{model}"', 'backbone = "tiny-gpt2"', f'data_dir = "{self.root / "data"}"',
                 f'snapshot_root = "{self.store.root}"',
                 "[batch]", f"max_size = {spec.batch_max_size}", f"max_wait_s = {spec.batch_max_wait_s}",
-                *(["[melo]", f"iterations = {spec.iterations}"] if spec.iterations is not None else []),
+                # A fixed iteration count measures delivery, not learning: edits are indexed whether learned or not.
+                *(["[melo]", f"iterations = {spec.iterations}", f"max_iterations = {spec.iterations}", "retry_rounds = 0",
+                   "index_not_learned = true"] if spec.iterations is not None else []),
                 "[metrics]", "enabled = false",  # writers would all want port 9464; /metrics is not measured here
                 # group_id left unset: the default melo-writer-<model> is the one-group-per-model layout.
                 "[kafka]", f'bootstrap_servers = ["{self.bootstrap}"]',

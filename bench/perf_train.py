@@ -1,17 +1,20 @@
-"""Block training speed: our trainer vs the naive loop the official MELO code runs.
+"""Block training speed: our trainer vs the official MELO loop and vs the trainer before issue 16.
 
-For each batch size the same batch of real zsRE edits trains one block three ways, one after the
-other on the same model:
+For each batch size the same batch of real zsRE edits trains one batch of blocks three ways, one
+after the other on the same model:
 
-* ``naive``   -- the official loop: 50 iterations, each a full forward + backward pass;
-* ``cache``   -- 50 iterations, the frozen layers below the first LoRA layer computed once;
-* ``ours``    -- the runtime's trainer as the editor runs it: prefix cache + early stop once every
-  target of the batch is reproduced.
+* ``naive``   -- the official loop: 50 iterations, each a full forward + backward pass, logits at
+  every position, one block for the whole batch;
+* ``before``  -- the trainer before issue 16: the frozen prefix computed once, logits at every
+  position, one block for the whole batch, stop once every target is reproduced (else 50 iterations);
+* ``ours``    -- the runtime's trainer as the editor runs it (melo_runtime/trainer.py): blocks of
+  ``edits_per_block`` edits, per-row early exit, logits only at the target positions, iterations
+  extended while the loss falls, retry blocks for edits not learned.
 
-Reports seconds, iterations, edits/s and the speed-up of each over ``naive``. The naive loop has
-no early stop, so its cost is exactly ``iterations`` equal steps: ``--naive-iterations K`` times
-only its first K steps and scales the seconds by ``iterations / K`` (reported as extrapolated), for
-batch sizes where the full loop would take hours on a CPU.
+Reports seconds, iterations, the fraction of rows learned, edits/s, and the speed-up of each over
+``naive``. The naive loop has no early stop, so its cost is exactly ``iterations`` equal steps:
+``--naive-iterations K`` times only its first K steps and scales the seconds by ``iterations / K``
+(reported as extrapolated), for batch sizes where the full loop would take hours on a CPU.
 
     python -m bench.perf_train --sizes 1,10,100 --out var/bench/perf_train
 """
@@ -44,8 +47,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_variant(model, data, config, attachment, cache_prefix: bool) -> dict:
-    """Train block 0 once with ``config``; seconds, iterations and whether every row was learned."""
+def train_before(model, data, factors, config, attachment, *, cache_prefix: bool, early_stop: bool):
+    """The trainer as it was before issue 16 (and, without cache and early stop, the official loop):
+    one block for every row, full logits, whole-batch early stop. Returns (iterations, learned rows)."""
+    from melo_runtime.encoding import loss_and_hits
+    from melo_runtime.routing import CallState, PrefixCache, use_state
+
+    pairs = {name: layer.init_block(0, config.seed) for name, layer in factors.items()}
+    trained = {name: (a.detach().unsqueeze(0).requires_grad_(True), b.detach().unsqueeze(0).requires_grad_(True))
+               for name, (a, b) in pairs.items()}
+    parameters = [tensor for pair in trained.values() for tensor in pair]
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    cache = None
+    if cache_prefix and attachment.prefix_layers:
+        cache = PrefixCache(layer_ids=frozenset(id(layer) for layer in attachment.prefix_layers))
+    rows = data.targets.shape[0]
+    blocks = torch.zeros(rows, dtype=torch.long, device=data.targets.device)
+    state = CallState(key_module=attachment.key_module, training=trained, training_blocks=blocks, prefix=cache)
+    steps, learned = 0, None
+    with use_state(state):
+        for _ in range(config.iterations + 1):
+            with torch.set_grad_enabled(steps < config.iterations):
+                logits = model(**data.batch.inputs, use_cache=False).logits
+                if cache is not None:
+                    cache.replaying = True
+                loss, learned, _ = loss_and_hits(logits, data.targets)
+            if steps == config.iterations or (early_stop and bool(learned.all())):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            steps += 1
+    return steps, float(learned.float().mean())
+
+
+def time_variant(model, data, config, attachment, variant: str) -> dict:
+    """Train once with ``variant``; seconds, iterations and the fraction of rows learned."""
     from melo_runtime.block_lora import BlockFactors
     from melo_runtime.families import model_device
     from melo_runtime.trainer import train_block
@@ -56,17 +95,19 @@ def time_variant(model, data, config, attachment, cache_prefix: bool) -> dict:
         for name, layer in attachment.layers.items()
     }
     started = time.perf_counter()
-    result = train_block(
-        model, data, factors, 0, config,
-        key_module=attachment.key_module, prefix_layers=attachment.prefix_layers, cache_prefix=cache_prefix,
-    )
+    if variant == "ours":
+        result = train_block(
+            model, data, factors, 0, config,
+            key_module=attachment.key_module, prefix_layers=attachment.prefix_layers,
+        )
+        iterations, learned, blocks = result.iterations, sum(result.learned) / len(result.learned), len(result.blocks)
+    else:
+        naive = variant == "naive"
+        iterations, learned = train_before(model, data, factors, config, attachment,
+                                           cache_prefix=not naive, early_stop=not naive)
+        blocks = 1
     seconds = time.perf_counter() - started
-    return {
-        "seconds": seconds,
-        "iterations": result.iterations,
-        "learned": sum(result.learned) / len(result.learned),
-        "final_loss": result.final_loss,
-    }
+    return {"seconds": seconds, "iterations": iterations, "learned": learned, "blocks": blocks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,42 +128,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = TextEncoder(model, tokenizer)
     stream = datasets.zsre_stream(args.data_dir, max(sizes), n_locality=0)
     variants = {
-        "naive": (replace(config, early_stop=False, iterations=naive_steps), False),
-        "cache": (replace(config, early_stop=False, iterations=args.iterations), True),
-        "ours": (replace(config, iterations=args.iterations), True),
+        "naive": replace(config, iterations=naive_steps),
+        "before": replace(config, iterations=args.iterations),
+        "ours": replace(config, iterations=args.iterations),
     }
     rows = []
     for size in sizes:
         cases = stream.cases[:size]
         data = encoder.teacher_forced([c.prompt for c in cases], [c.target for c in cases])
         row: dict = {"batch": size}
-        for name, (variant_config, cache_prefix) in variants.items():
-            timing = time_variant(model, data, variant_config, attachment, cache_prefix)
+        for name, variant_config in variants.items():
+            timing = time_variant(model, data, variant_config, attachment, name)
             if name == "naive" and naive_steps < args.iterations:
                 timing.update(measured_seconds=timing["seconds"], measured_iterations=naive_steps,
                               seconds=timing["seconds"] * args.iterations / naive_steps,
                               iterations=args.iterations, learned=None, extrapolated=True)
             row[name] = {**timing, "edits_per_second": size / timing["seconds"]}
             learned = "n/a (extrapolated)" if timing["learned"] is None else f"{timing['learned']:.2f}"
-            print(f"batch {size:4d} {name:6s} {timing['seconds']:8.2f}s  {timing['iterations']:3d} it  "
-                  f"learned {learned}", flush=True)
-        for name in ("cache", "ours"):
+            print(f"batch {size:4d} {name:6s} {timing['seconds']:8.2f}s  {timing['iterations']:4d} it  "
+                  f"{timing['blocks']:3d} blocks  learned {learned}", flush=True)
+        for name in ("before", "ours"):
             row[name]["speedup_vs_naive"] = row["naive"]["seconds"] / row[name]["seconds"]
+        row["ours"]["speedup_vs_before"] = row["before"]["seconds"] / row["ours"]["seconds"]
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"backbone": args.backbone, "config": config.to_dict(), "threads": args.threads,
               "naive_iterations_timed": naive_steps, "rows": rows}
     (args.out / "perf_train.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    lines = ["| batch | naive s (it) | cache s (it) | ours s (it) | naive edits/s | ours edits/s | cache x | ours x |",
+    lines = ["| batch | naive s (it) | before s (it, learned) | ours s (it, blocks, learned) | ours edits/s | "
+             "before x | ours x naive | ours x before |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        n, b, o = r["naive"], r["before"], r["ours"]
         lines.append(
-            f"| {r['batch']} | {r['naive']['seconds']:.1f}{'*' if r['naive'].get('extrapolated') else ''} "
-            f"({r['naive']['iterations']}) | "
-            f"{r['cache']['seconds']:.1f} ({r['cache']['iterations']}) | {r['ours']['seconds']:.1f} "
-            f"({r['ours']['iterations']}) | {r['naive']['edits_per_second']:.3f} | "
-            f"{r['ours']['edits_per_second']:.3f} | {r['cache']['speedup_vs_naive']:.2f} | "
-            f"{r['ours']['speedup_vs_naive']:.2f} |"
+            f"| {r['batch']} | {n['seconds']:.1f}{'*' if n.get('extrapolated') else ''} ({n['iterations']}) | "
+            f"{b['seconds']:.1f} ({b['iterations']}, {b['learned']:.2f}) | "
+            f"{o['seconds']:.1f} ({o['iterations']}, {o['blocks']}, {o['learned']:.2f}) | {o['edits_per_second']:.3f} | "
+            f"{b['speedup_vs_naive']:.2f} | {o['speedup_vs_naive']:.2f} | {o['speedup_vs_before']:.2f} |"
         )
     if naive_steps < args.iterations:
         lines.append(f"\n\\* extrapolated: {naive_steps} naive steps timed, scaled to {args.iterations}.")

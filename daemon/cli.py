@@ -154,6 +154,7 @@ def _print_summary(
     _say(f"melo run: done in {seconds:.1f}s")
     _say(f"  events read        {p.events}")
     _say(f"  edits applied      {p.applied}  (duplicates {p.duplicates}, rejected {p.rejected}, dead-lettered {p.dead_lettered})")
+    _say(f"  edits not learned  {p.not_learned}  (dead-lettered with a not_learned receipt; their inputs keep the base answer)")
     _say(f"  versions published {p.versions_published}  (serving version: {worker.version})")
     _say(
         f"  blocks {stats.get('blocks', 0)}, clusters {stats.get('clusters', 0)}, conflicts {stats.get('conflicts_total', 0)}, "

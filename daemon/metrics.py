@@ -61,6 +61,12 @@ FORGOTTEN = Counter(
     ["model"],
     registry=REGISTRY,
 )
+EDITS_NOT_LEARNED = Counter(
+    "melo_edits_not_learned_total",
+    "Edits the trainer could not learn within its budget: dead-lettered with a not_learned receipt, keys not indexed.",
+    ["model"],
+    registry=REGISTRY,
+)
 RETRACTED = Counter("melo_retracted_total", "Edits retracted by a control event.", ["model"], registry=REGISTRY)
 
 # Publishing

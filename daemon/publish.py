@@ -12,7 +12,9 @@ Message shapes (JSON, UTF-8):
   ``{"reason", "detail", "source", "value_b64"}`` instead (files have no headers).
 - Receipt (``melo.edit-results``, key = edit id): ``{"edit_id", "model", "status", "version",
   "reason", "detail", "source", "at"}``; status is one of applied | duplicate | rejected |
-  forgotten | rolled_back | retracted.
+  not_learned | forgotten | rolled_back | retracted. ``not_learned``: the trainer could not reproduce
+  the target within its budget; ``detail`` gives the final loss and the budget spent, the edit is
+  dead-lettered too (reason ``not_learned``) and is not part of any version.
 - Forgotten (``melo.forgotten``, key = edit id): ``{"edit_id", "model", "version", "block", "at"}``.
 - Announcement (``melo.snapshots``, key = model): ``{"model", "version", "parent", "kind",
   "created_at", "edits", "stats"}``.
@@ -30,7 +32,7 @@ from typing import Any, Protocol
 
 from daemon.sources import SourceRecord
 
-RECEIPT_STATUSES = ("applied", "duplicate", "rejected", "forgotten", "rolled_back", "retracted")
+RECEIPT_STATUSES = ("applied", "duplicate", "rejected", "not_learned", "forgotten", "rolled_back", "retracted")
 
 
 class Outbox(Protocol):

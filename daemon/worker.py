@@ -133,6 +133,7 @@ class Progress:
     rejected: int = 0
     dead_lettered: int = 0
     forgotten: int = 0
+    not_learned: int = 0
     versions_published: int = 0
     conflicts: int = 0
     control: int = 0
@@ -488,11 +489,12 @@ class Worker:
             self.progress.dead_lettered += 1
             metrics.DLQ.labels(reason="rejected_by_editor").inc()
             metrics.REJECTED.labels(reason="rejected_by_editor").inc()
-        if not results:
+        not_learned = self._report_not_learned(results, by_id)
+        applied_ids = [edit_id for result in results for edit_id in result.edit_ids if edit_id not in not_learned]
+        if not applied_ids:
             self.publisher.flush()
             self._commit_source(covered)
             return
-        applied_ids = [edit_id for result in results for edit_id in result.edit_ids]
         forgotten = [edit_id for result in results for edit_id in result.forgotten]
         files = self.editor.export_files()
         manifest = self._publish(files, kind="edit", edit_ids=applied_ids, offsets=covered)
@@ -500,11 +502,13 @@ class Worker:
         self._record(new_version, files, applied_ids=applied_ids, removed_ids=[])
         for result in results:
             for edit_id in result.edit_ids:
+                if edit_id in not_learned:
+                    continue
                 item = by_id[edit_id]
-                learned = result.learned.get(edit_id, True)
+                learned = result.learned.get(edit_id, True)  # False only with melo.index_not_learned
                 self.publisher.receipt(
                     edit_id, "applied", version=new_version, record=item.record,
-                    detail=None if learned else f"not learned within {result.iterations_run} iterations",
+                    detail=None if learned else f"indexed but not learned within {result.iterations_run} iterations",
                 )
                 created = item.event.created_at
                 if created is not None:
@@ -529,6 +533,36 @@ class Worker:
         )
         learned = frozenset(i for result in results for i, ok in result.learned.items() if ok)
         self._run_publish_hooks(manifest, [by_id[i].event for i in applied_ids], learned)
+
+    def _report_not_learned(self, results: list[Any], by_id: dict[str, PendingEdit]) -> set[str]:
+        """Dead-letter and receipt every edit the trainer could not learn within its budget.
+
+        Such an edit is not applied: the editor indexed none of its keys (its inputs keep the base
+        model's answer), no version lists it, and producing it again retries it.
+        """
+        config = self.editor.config
+        budget = (
+            f"iterations {config.iterations}, max_iterations {config.max_iterations}, "
+            f"retry_rounds {config.retry_rounds}"
+        )
+        failed: set[str] = set()
+        for result in results:
+            for edit_id in result.not_learned:
+                item = by_id[edit_id]
+                loss = result.edit_losses.get(edit_id, float("nan"))
+                detail = (
+                    f"not learned: final loss {loss:.4f} after {result.iterations_run} iterations in "
+                    f"{result.blocks_added} block(s) (budget: {budget}); its keys are not indexed, so its "
+                    "inputs keep the base model's answer; produce it again to retry"
+                )
+                self.publisher.dead_letter(item.record, "not_learned", detail)
+                self.publisher.receipt(edit_id, "not_learned", reason="not_learned", detail=detail, record=item.record)
+                failed.add(edit_id)
+        self.progress.not_learned += len(failed)
+        self.progress.dead_lettered += len(failed)
+        metrics.EDITS_NOT_LEARNED.labels(model=self.model).inc(len(failed))
+        metrics.DLQ.labels(reason="not_learned").inc(len(failed))
+        return failed
 
     def _run_publish_hooks(self, manifest: Any, events: list[EditEvent], learned: frozenset[str]) -> None:
         for hook in self._publish_hooks:

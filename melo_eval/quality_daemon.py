@@ -57,7 +57,7 @@ GENERATION_STREAMS = ("zsre", "counterfact", "hallucination")
 # trained only once the writer has read the whole topic (the worker flushes it when drained).
 BACKLOG_WAIT_S = 3600.0
 STALL_S = 900.0  # the writer published nothing for this long: report it rather than wait forever
-ACCOUNTED = ("applied", "rejected", "duplicate")  # receipt statuses that settle an event
+ACCOUNTED = ("applied", "rejected", "duplicate", "not_learned")  # receipt statuses that settle an event
 COLUMNS = ("n_edits", "version", "published_seconds", *quality.COLUMNS[1:])
 
 
@@ -180,7 +180,7 @@ def _account(result: PipelineRun, sent: list[str], records: Any, bootstrap: str,
     missing = [edit_id for edit_id in sent if edit_id not in settled]
     if missing:
         raise RuntimeError(
-            f"{len(missing)} of {len(sent)} edits have no applied/rejected/duplicate receipt: {missing[:10]}")
+            f"{len(missing)} of {len(sent)} edits have no applied/rejected/duplicate/not_learned receipt: {missing[:10]}")
     applied = {edit_id for edit_id, status in settled.items() if status == "applied"}
     published = {edit_id for _, ids, _ in result.versions for edit_id in ids}
     recorded = records.applied(result.run, sent)

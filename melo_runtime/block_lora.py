@@ -120,8 +120,11 @@ class BlockLoRALayer(nn.Module):
         if state.training is not None:
             if self.name not in state.training:
                 return out
-            a, b = state.training[self.name]  # one block for every row of a training batch
-            return out + ((x.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+            a, b = state.training[self.name]
+            index = state.training_blocks
+            a, b = a.index_select(0, index), b.index_select(0, index)  # each row's own block
+            hidden = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [rows, seq, p]
+            return out + torch.bmm(hidden, b.transpose(1, 2)).to(out.dtype)
         if state.blocks is None or state.factors is None or self.name not in state.factors:
             return out
         return self._add_routed_delta(x, out, state.blocks, state.factors[self.name])

@@ -22,6 +22,9 @@ LATER_FIELD_DEFAULTS: dict[str, Any] = {
     "key_encoder": "",
     "train_chat_form": False,
     "train_context_prefixes": 0,
+    "max_iterations": 300,
+    "retry_rounds": 3,
+    "index_not_learned": False,
 }
 
 
@@ -62,6 +65,16 @@ class MeloConfig:
     # this many short neutral lead-ins, so the block answers the question however it is framed.
     train_chat_form: bool = False
     train_context_prefixes: int = 0
+    # Training budget (melo_runtime/trainer.py). ``edits_per_block`` also caps how many edits share one
+    # block: a bigger batch trains several blocks at once. Past ``iterations``, training goes on while
+    # the loss still falls, up to ``max_iterations``; edits still not learned are retrained up to
+    # ``retry_rounds`` times, each in a fresh block of its own (bench/RESULTS.md, "Every edit learned").
+    max_iterations: int = 300
+    retry_rounds: int = 3
+    # False (default): an edit not learned within that budget keeps no key and is reported not_learned.
+    # True: it is indexed anyway and counts as applied (learned=False), the behaviour before the
+    # guarantee; for delivery tests whose deliberately tiny budget learns nothing.
+    index_not_learned: bool = False
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -80,6 +93,7 @@ class MeloConfig:
             "r_init": self.r_init,
             "edits_per_block": self.edits_per_block,
             "iterations": self.iterations,
+            "max_iterations": self.max_iterations,
             "lr": self.lr,
             "lr_step": self.lr_step,
             "lr_gamma": self.lr_gamma,
@@ -93,6 +107,8 @@ class MeloConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name}={value!r} must be > 0")
+        if self.retry_rounds < 0:
+            raise ValueError(f"retry_rounds={self.retry_rounds!r} must be >= 0")
         if self.max_rephrases < 0:
             raise ValueError(f"max_rephrases={self.max_rephrases!r} must be >= 0")
         if self.key_source not in KEY_SOURCES:

@@ -136,6 +136,7 @@ class MeloEditor:
             targets = [self._label_ids[normalize_label(r.target)] if self._label_ids else r.target for r in training]
             data = self._encoder.teacher_forced([r.text for r in training], targets)
             block_id = self.blocks
+            edit_index = {edit.edit_id: i for i, edit in enumerate(edits)}
             trained = train_block(
                 self.model,
                 data,
@@ -145,17 +146,32 @@ class MeloEditor:
                 key_module=self._attachment.key_module,
                 prefix_layers=self._attachment.prefix_layers,
                 cache_prefix=cache_prefix,
+                groups=[edit_index[row.edit_id] for row in training],
             )
+            # Only the indexed rows (prompt and rephrases) decide whether an edit is learned; the
+            # chat-form and prefixed rows come after them and shape the block.
+            learned = {edit.edit_id: True for edit in edits}
+            for row, ok in zip(training, trained.learned, strict=True):
+                if row.indexed:
+                    learned[row.edit_id] = learned[row.edit_id] and ok
+            trained_ids = {row.edit_id for row in rows}
+            # An edit not learned keeps no key: routing never sends an input to a block without it.
+            not_learned = sorted(edit_id for edit_id in trained_ids if not learned[edit_id])
+            if self.config.index_not_learned:
+                not_learned = []
+            indexed = [i for i, row in enumerate(rows) if row.edit_id not in not_learned]
+            blocks, row_block = trained.compact(indexed, block_id)
             db = copy_db(self._db)
             report = db.insert(
-                keys,
-                [row.label for row in rows],
-                [block_id] * len(rows),
-                [row.edit_id for row in rows],
+                keys[indexed],
+                [rows[i].label for i in indexed],
+                [row_block[i] for i in indexed],
+                [rows[i].edit_id for i in indexed],
             )
             try:
-                for name, (a, b) in trained.factors.items():
-                    self._factors[name].append(a, b)
+                for block in blocks:
+                    for name, (a, b) in block.items():
+                        self._factors[name].append(a, b)
             except BaseException:
                 for layer in self._factors.values():
                     layer.truncate(block_id)
@@ -163,12 +179,7 @@ class MeloEditor:
             if self._scope is not None:
                 self._scope = self._scope.with_subjects(row.subject for row in rows)
             self._db = db  # the batch becomes visible to readers here, all at once
-            learned = {edit.edit_id: True for edit in edits}
-            for row, ok in zip(training, trained.learned, strict=True):
-                if row.indexed:
-                    learned[row.edit_id] = learned[row.edit_id] and ok
             live = db.edit_ids()
-            trained_ids = {row.edit_id for row in rows}
             forgotten = {edit_id for edit_id, _ in report.forgotten if edit_id not in live}
             forgotten |= {edit.edit_id for edit in edits if edit.edit_id not in trained_ids}
             for edit_id in forgotten & set(learned):
@@ -184,6 +195,9 @@ class MeloEditor:
                 seconds=time.perf_counter() - started,
                 iterations_run=trained.iterations,
                 final_loss=trained.final_loss,
+                not_learned=not_learned,
+                edit_losses=trained.group_losses([row.edit_id for row in training]),
+                blocks_added=len(blocks),
             )
 
     def check_edit(self, edit: Edit) -> None:

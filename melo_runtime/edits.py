@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _SPACES = re.compile(r"\s+")
 
@@ -40,6 +40,11 @@ class BatchResult:
     seconds: float
     iterations_run: int
     final_loss: float
+    # Edits trained but not learned within the training budget: none of their keys is indexed, so no
+    # input is routed for them (the base model answers). Not learned edits are also ``learned=False``.
+    not_learned: list[str] = field(default_factory=list)
+    edit_losses: dict[str, float] = field(default_factory=dict)  # per trained edit: its worst row's final loss
+    blocks_added: int = 1  # blocks ``block_id`` .. ``block_id + blocks_added - 1`` hold this batch's edits
 
 
 @dataclass(frozen=True)

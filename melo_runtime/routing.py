@@ -38,6 +38,7 @@ class PrefixCache:
     layer_ids: frozenset[int]  # id() of the frozen layer modules this cache covers
     replaying: bool = False
     outputs: dict[int, Any] = field(default_factory=dict)
+    rows: torch.Tensor | None = None  # while replaying: the recorded rows this forward runs on (None: all)
 
 
 @dataclass
@@ -56,7 +57,10 @@ class CallState:
     blocks: torch.Tensor | None = None
     capture_only: bool = False  # stop the forward right after the key module (see KeysCaptured)
     keys: torch.Tensor | None = None
-    training: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (A_t, B_t), all rows
+    # Training: layer -> (A [k, p, d_in], B [k, d_out, p]) of the k blocks being trained, and the
+    # index (0..k-1) of the block each row of the batch trains.
+    training: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    training_blocks: torch.Tensor | None = None
     prefix: PrefixCache | None = None
 
 

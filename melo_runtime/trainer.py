@@ -1,37 +1,79 @@
-"""Training one block: only block t's factors learn, on the target tokens only, until every row is right.
+"""Training the blocks of one batch: only new block factors learn, on the target tokens only, until
+every row is right or a bounded budget is spent.
 
-MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), up to 50 iterations) with three changes:
-the loss covers only the target tokens (or the label), the frozen layers below the first LoRA layer
-run once per batch (:mod:`melo_runtime.prefix_cache`), and training stops as soon as the
-teacher-forced argmax reproduces every target of the batch.
+MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes:
+
+- **Capacity follows the batch.** At most ``edits_per_block`` edits share one block, so a batch of n
+  edits trains ceil(n / edits_per_block) blocks at once, in one batched forward where every row
+  gathers its own block (the parameters per edit stay those of the preset, whatever the batch size).
+- **Per-row early exit.** A row whose teacher-forced argmax reproduces its target leaves the batch;
+  when none is left, every row is checked again and any that slipped back rejoins.
+- **Iterations extend while the loss still falls**, up to ``max_iterations``.
+- **Retry blocks.** Edits still not learned are trained again from scratch, each in a fresh block
+  of its own (a new optimizer; a schedule that decays more slowly each round), up to
+  ``retry_rounds`` times, within the same batch.
+- **Cheap steps.** The frozen layers below the first LoRA layer run once per batch
+  (:mod:`melo_runtime.prefix_cache`) and a causal LM computes its vocabulary projection only for the
+  last positions, where the targets are.
+
+"Learned" is exact teacher-forced agreement on every target token, EOS included; by induction over
+the decoded positions that is what greedy decoding from the prompt produces (for classifiers: the
+label is the argmax).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from melo_runtime.block_lora import BlockFactors
 from melo_runtime.config import MeloConfig
-from melo_runtime.encoding import TeacherForced, loss_and_hits
+from melo_runtime.encoding import IGNORE, TeacherForced
 from melo_runtime.routing import CallState, PrefixCache, use_state
+
+# Past ``iterations``, a fresh window of ``lr_step`` iterations is granted only if the rows still
+# training got more target tokens right, or their loss fell by at least this fraction, in the last one.
+_MIN_WINDOW_GAIN = 0.01
+
+Block = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A [p, d_in], B [d_out, p])
 
 
 @dataclass
 class TrainResult:
-    """The trained block and how training went."""
+    """The trained blocks, which block holds each row, and how training went."""
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A [p, d_in], B [d_out, p])
-    losses: list[float]  # loss of every forward pass, in order (the last one after the last step)
+    blocks: list[Block]  # in training order; block i gets id ``first block id + i`` unless dropped
+    row_blocks: list[int]  # per training row: index in ``blocks`` of the block that last trained it
     learned: list[bool]  # per training row: teacher-forced prediction equals the target
-    iterations: int  # optimizer steps taken
+    row_losses: list[float]  # per training row: its loss after training
+    losses: list[float] = field(default_factory=list)  # loss of every training forward, in order
+    iterations: int = 0  # optimizer steps taken, every round together
+    rounds: int = 0  # training rounds run (1 + retry rounds used)
 
     @property
     def final_loss(self) -> float:
-        return self.losses[-1]
+        """Mean of the per-row losses after training."""
+        return sum(self.row_losses) / max(len(self.row_losses), 1)
+
+    def compact(self, rows: Sequence[int], first_id: int) -> tuple[list[Block], dict[int, int]]:
+        """The blocks that hold at least one of ``rows``, in order, and each of those rows' block id
+        once they are numbered from ``first_id`` (blocks holding none of them are dropped)."""
+        used = sorted({self.row_blocks[row] for row in rows})
+        ids = {index: first_id + position for position, index in enumerate(used)}
+        return [self.blocks[index] for index in used], {row: ids[self.row_blocks[row]] for row in rows}
+
+    def group_losses(self, groups: Sequence[str]) -> dict[str, float]:
+        """Per group (edit) of rows, the largest final row loss."""
+        worst: dict[str, float] = {}
+        for group, loss in zip(groups, self.row_losses, strict=True):
+            worst[group] = max(worst.get(group, -math.inf), loss)
+        return worst
 
 
 def train_block(
@@ -44,48 +86,190 @@ def train_block(
     key_module: str,
     prefix_layers: Sequence[nn.Module] = (),
     cache_prefix: bool = True,
+    groups: Sequence[int] | None = None,
 ) -> TrainResult:
-    """Train block ``block_id`` of every layer in ``factors`` on ``data``; nothing outside changes.
+    """Train new blocks (ids from ``block_id`` on) of every layer in ``factors`` on ``data``.
 
-    ``cache_prefix=False`` recomputes the whole forward pass on every iteration (the official
-    behaviour); it exists to check and to benchmark the cache, which gives the same losses.
+    ``groups`` gives each row's edit (rows of one edit always share a block); by default every row
+    is its own edit. Nothing outside the returned blocks changes. ``cache_prefix=False`` recomputes
+    the whole forward pass on every iteration (the official behaviour), for checks and benchmarks.
     """
-    trained = {name: layer.init_block(block_id, config.seed) for name, layer in factors.items()}
-    parameters = [tensor for pair in trained.values() for tensor in pair]
-    optimizer = torch.optim.Adam(parameters, lr=config.lr)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    rows = data.targets.shape[0]
+    groups = list(range(rows)) if groups is None else list(groups)
+    if len(groups) != rows:
+        raise ValueError(f"groups has {len(groups)} entries for {rows} training rows")
     cache = None
     if cache_prefix and prefix_layers:
         cache = PrefixCache(layer_ids=frozenset(id(layer) for layer in prefix_layers))
-    state = CallState(key_module=key_module, training=trained, prefix=cache)
-    losses: list[float] = []
-    steps = 0
-    with use_state(state):
-        for _ in range(config.iterations):
-            loss, learned = _forward(model, data, cache)
-            losses.append(float(loss.detach()))
-            if config.early_stop and bool(learned.all()):
+    step = _Stepper(model, data, cache, key_module)
+    result = TrainResult(blocks=[], row_blocks=[-1] * rows, learned=[False] * rows, row_losses=[math.inf] * rows)
+    pending = list(range(rows))
+    per_block = config.edits_per_block
+    # Without early stop (the official loop, for benchmarks) a round is exactly ``iterations`` steps, once.
+    for round_ in range(1 + config.retry_rounds if config.early_stop else 1):
+        if not pending:
+            break
+        assignment = _assign(pending, groups, per_block)
+        count = max(assignment.values()) + 1
+        first = block_id + len(result.blocks)
+        trained = {name: _init_blocks(layer, first, count, config.seed) for name, layer in factors.items()}
+        # A retry decays its learning rate more slowly (gamma ** 1/(r+1)): the hard edits need more steps.
+        gamma = config.lr_gamma ** (1.0 / (round_ + 1))
+        learned, losses = _fit(step, pending, assignment, trained, config, result, gamma)
+        for row in pending:
+            result.row_blocks[row] = len(result.blocks) + assignment[row]
+            result.learned[row] = learned[row]
+            result.row_losses[row] = losses[row]
+        result.blocks.extend(
+            {name: (a[i].detach(), b[i].detach()) for name, (a, b) in trained.items()} for i in range(count)
+        )
+        result.rounds = round_ + 1
+        failed = {groups[row] for row in pending if not result.learned[row]}
+        pending = [row for row in range(rows) if groups[row] in failed]
+        per_block = 1  # a retry gives every edit still failing a block of its own
+    return result
+
+
+def _assign(rows: list[int], groups: list[int], per_block: int) -> dict[int, int]:
+    """Row -> block index: edits in order of first appearance, ``per_block`` edits per block."""
+    order: dict[int, int] = {}
+    for row in rows:
+        order.setdefault(groups[row], len(order))
+    return {row: order[groups[row]] // per_block for row in rows}
+
+
+def _init_blocks(layer: BlockFactors, first: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [layer.init_block(first + i, seed) for i in range(count)]
+    a = torch.stack([a for a, _ in pairs]).detach().requires_grad_(True)  # [count, p, d_in]
+    b = torch.stack([b for _, b in pairs]).detach().requires_grad_(True)  # [count, d_out, p]
+    return a, b
+
+
+def _fit(
+    step: _Stepper,
+    rows: list[int],
+    assignment: dict[int, int],
+    trained: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    config: MeloConfig,
+    result: TrainResult,
+    gamma: float,
+) -> tuple[dict[int, bool], dict[int, float]]:
+    """One round: Adam on ``trained`` over ``rows`` with per-row early exit and a progress-driven budget."""
+    parameters = [tensor for pair in trained.values() for tensor in pair]
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=gamma)
+    everyone = torch.tensor(rows, dtype=torch.long)
+    block_of = torch.tensor([assignment[row] for row in rows], dtype=torch.long)
+    active = torch.arange(len(rows))  # positions in ``rows`` still training
+    limit = max(config.max_iterations, config.iterations) if config.early_stop else config.iterations
+    window: tuple[float, int] | None = None  # (loss, right tokens) of the active rows when the window began
+    iterations = 0
+    while True:
+        row_loss, hits, right = step.forward(everyone[active], block_of[active], trained)
+        result.losses.append(float(row_loss.detach().mean()))
+        if config.early_stop and bool(hits.all()):
+            if active.numel() == len(rows):
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            steps += 1
-        else:
-            with torch.no_grad():
-                loss, learned = _forward(model, data, cache)
-            losses.append(float(loss))
-    return TrainResult(
-        factors={name: (a.detach(), b.detach()) for name, (a, b) in trained.items()},
-        losses=losses,
-        learned=[bool(x) for x in learned.tolist()],
-        iterations=steps,
-    )
+            row_loss, hits = _recheck(step, everyone, block_of, trained)
+            active = torch.nonzero(~hits).squeeze(1)
+            if active.numel() == 0:
+                active = torch.arange(len(rows))  # every row learned, and ``row_loss`` covers them all
+                break
+            window = None  # other rows now: restart the progress window
+            continue
+        now = (float(row_loss.detach().mean()), int(right.sum()))
+        if iterations >= limit:
+            break
+        if iterations % config.lr_step == 0:
+            if iterations >= config.iterations and window is not None and not _progressed(window, now):
+                break
+            window = now
+        keep = ~hits if config.early_stop else torch.ones_like(hits)
+        loss = row_loss[keep].sum() / keep.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if iterations < config.iterations:
+            schedule.step()  # the official schedule; extension steps keep its last learning rate
+        iterations += 1
+        if not bool(keep.all()):
+            active = active[keep]  # learned rows leave the batch
+            window = None
+    result.iterations += iterations
+    if active.numel() != len(rows):  # the last forward saw only some rows: check them all
+        with torch.no_grad():
+            row_loss, hits, _ = step.forward(everyone, block_of, trained)
+    learned = {row: bool(hit) for row, hit in zip(rows, hits.tolist(), strict=True)}
+    losses = {row: float(value) for row, value in zip(rows, row_loss.tolist(), strict=True)}
+    return learned, losses
 
 
-def _forward(model: nn.Module, data: TeacherForced, cache: PrefixCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(**data.batch.inputs, use_cache=False).logits
-    if cache is not None:
-        cache.replaying = True  # the first pass recorded the frozen prefix; every later one replays it
-    loss, learned, _ = loss_and_hits(logits, data.targets)
-    return loss, learned
+def _progressed(start: tuple[float, int], now: tuple[float, int]) -> bool:
+    """Whether the rows still training got better over a window: more target tokens right, or a
+    loss at least ``_MIN_WINDOW_GAIN`` lower."""
+    return now[1] > start[1] or now[0] < (1 - _MIN_WINDOW_GAIN) * start[0]
+
+
+def _recheck(step: _Stepper, everyone: torch.Tensor, block_of: torch.Tensor, trained) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and "learned" of every row again: rows that left the batch can slip back."""
+    with torch.no_grad():
+        row_loss, hits, _ = step.forward(everyone, block_of, trained)
+    return row_loss, hits
+
+
+class _Stepper:
+    """Forward passes over any subset of the batch's rows, each row through its own new block."""
+
+    def __init__(self, model: nn.Module, data: TeacherForced, cache: PrefixCache | None, key_module: str) -> None:
+        self.model = model
+        self.data = data
+        self.cache = cache
+        self.key_module = key_module
+        self.keep = _logits_to_keep(model, data)
+
+    def forward(
+        self, rows: torch.Tensor, blocks: torch.Tensor, trained: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: loss (mean over its target tokens), "every target right", and how many are right."""
+        device = self.data.targets.device
+        rows_on = rows.to(device)
+        inputs = {name: value.index_select(0, rows_on) for name, value in self.data.batch.inputs.items()}
+        targets = self.data.targets.index_select(0, rows_on)
+        kwargs = {"use_cache": False}
+        if self.keep:
+            kwargs["logits_to_keep"] = self.keep
+            targets = targets[:, -self.keep :]
+        if self.cache is not None:
+            self.cache.rows = rows_on if self.cache.replaying else None
+        state = CallState(key_module=self.key_module, training=trained, training_blocks=blocks.to(device), prefix=self.cache)
+        with use_state(state):
+            logits = self.model(**inputs, **kwargs).logits
+        if self.cache is not None and not self.cache.replaying:
+            self.cache.replaying = True  # the first pass saw every row and recorded the frozen prefix
+        return _row_loss_and_hits(logits, targets)
+
+
+def _logits_to_keep(model: nn.Module, data: TeacherForced) -> int:
+    """How many last positions a causal LM must project to the vocabulary (0: all of them / not a causal LM).
+
+    Causal batches are left padded, so every target sits in the last ``longest target + 1`` columns.
+    """
+    if data.targets.dim() != 2 or "decoder_input_ids" in data.batch.inputs:
+        return 0
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return 0
+    scored = (data.targets != IGNORE).any(0)
+    first = int(torch.nonzero(scored).min()) if bool(scored.any()) else 0
+    keep = data.targets.shape[1] - first
+    return keep if keep < data.targets.shape[1] else 0
+
+
+def _row_loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    if targets.dim() == 1:
+        hits = logits.argmax(-1) == targets
+        return F.cross_entropy(logits, targets, reduction="none"), hits, hits.long()
+    scored = targets != IGNORE
+    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    right = (logits.argmax(-1) == targets) & scored
+    return token_loss.sum(-1) / scored.sum(-1).clamp(min=1), (right | ~scored).all(-1), right.sum(-1)

@@ -5,15 +5,16 @@ import json
 from bench import perf_routing, perf_train
 
 
-def test_perf_train_times_naive_cache_and_ours_per_batch_size(tmp_path):
+def test_perf_train_times_naive_before_and_ours_per_batch_size(tmp_path):
     perf_train.main(["--backbone", "tiny-llama", "--sizes", "1,2", "--iterations", "5", "--threads", "1",
                      "--out", str(tmp_path)])
     report = json.loads((tmp_path / "perf_train.json").read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 2]
     for row in report["rows"]:
         assert row["naive"]["iterations"] == 5  # the naive loop never stops early
-        assert row["ours"]["iterations"] <= 5
-        assert row["ours"]["speedup_vs_naive"] > 0
+        assert row["before"]["iterations"] <= 5
+        assert 0 <= row["ours"]["learned"] <= 1 and row["ours"]["blocks"] >= 1
+        assert row["ours"]["speedup_vs_naive"] > 0 and row["ours"]["speedup_vs_before"] > 0
     assert "| batch |" in (tmp_path / "perf_train.md").read_text()
 
 

@@ -47,10 +47,12 @@ def test_outputs_routed_to_block_one_are_bit_identical_after_training_block_two(
     editor = make_editor(family, learnable=True, key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0]), Edit("b", *FACTS[1])])
     first = [p for p, _ in FACTS[:2]]
+    before_routes = [r.block for r in editor.route(first)]
+    assert set(before_routes) <= set(range(editor.blocks))  # a retried edit may hold a block of its own
     before_logits = _logits(editor, first)
     before_text = editor.generate(first, max_new_tokens=6)
     editor.apply_batch([Edit("c", *FACTS[2]), Edit("d", *FACTS[3])])
-    assert [r.block for r in editor.route(first)] == [0, 0]
+    assert [r.block for r in editor.route(first)] == before_routes
     assert torch.equal(_logits(editor, first), before_logits)
     assert editor.generate(first, max_new_tokens=6) == before_text
 

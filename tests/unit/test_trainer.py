@@ -39,9 +39,10 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
     assert len(cached.losses) == len(full.losses) == 9
     assert torch.allclose(torch.tensor(cached.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
     assert cached.losses[-1] < cached.losses[0]
-    for name, (a, b) in cached.factors.items():
-        assert torch.allclose(a, full.factors[name][0], atol=1e-5)
-        assert torch.allclose(b, full.factors[name][1], atol=1e-5)
+    assert len(cached.blocks) == len(full.blocks) == 1
+    for name, (a, b) in cached.blocks[0].items():
+        assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
+        assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
 
 
 def test_replayed_layers_skip_their_computation(make_editor):
@@ -74,3 +75,26 @@ def test_classifier_training_learns_the_label(make_editor):
     result = editor.apply_batch([Edit("a", PROMPTS[0], flipped[0]), Edit("b", PROMPTS[1], flipped[1])])
     assert result.learned == {"a": True, "b": True}
     assert editor.classify(PROMPTS) == flipped
+
+
+def test_an_edit_not_learned_keeps_no_key_and_no_block(make_editor):
+    editor = make_editor("gpt2", iterations=1, max_iterations=1, retry_rounds=0)
+    result = editor.apply_batch([Edit("a", PROMPTS[0], TARGETS[0])])
+    assert result.not_learned == ["a"] and result.learned == {"a": False}
+    assert result.edit_losses["a"] > 0 and result.blocks_added == 0
+    assert editor.blocks == 0 and editor.edit_ids() == set()
+    assert editor.route([PROMPTS[0]]) == [None]  # the base model answers: no block without the edit
+
+
+def test_learned_rows_leave_the_batch_and_every_row_is_learned_at_the_end(make_editor):
+    editor = make_editor("llama", learnable=True)
+    layer = next(iter(editor._attachment.layers.values()))
+    rows_seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
+    try:
+        result = editor.apply_batch([Edit(str(i), p, t) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))])
+    finally:
+        handle.remove()
+    assert all(result.learned.values())
+    assert rows_seen[0] == 2 and 1 in rows_seen  # the first learned row stopped costing compute
+    assert editor.generate(PROMPTS, max_new_tokens=10) == TARGETS
