@@ -196,3 +196,17 @@ def test_context_prefixes_are_written_by_the_base_model_and_train_extra_rows_tha
     assert expanded[1].text.endswith("assistant:") and "Who founded Zorblax?" in expanded[1].text
     assert expanded[1].target == "Mira"  # the chat reply: the target without its leading space
     assert [r.text for r in expanded[2:]] == [p + rows[0].text for p in prefixes]
+
+
+def test_config_json_leaves_out_later_fields_only_at_their_defaults():
+    import dataclasses
+
+    from melo_runtime.config import LATER_FIELD_DEFAULTS, MeloConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(MeloConfig)}
+    assert {name: defaults[name] for name in LATER_FIELD_DEFAULTS} == LATER_FIELD_DEFAULTS
+    config = MeloConfig(task="generate", key_module="k", target_modules=["t"], rank_per_block=2, r_init=1.0,
+                        edits_per_block=4, key_source="scope", key_encoder="minilm-l6")
+    data = config.to_dict()
+    assert data["key_source"] == "scope" and "train_chat_form" not in data and "max_iterations" not in data
+    assert MeloConfig.from_dict(data) == config
