@@ -137,7 +137,7 @@ def test_generate_rejects_a_chat_that_does_not_end_with_a_user_question(make_edi
 def test_scope_snapshot_reloads_with_its_subjects_and_routes_identically(make_editor):
     from melo_runtime.tiny import tiny_model
 
-    editor = make_editor("gpt2")
+    editor = make_editor("gpt2", index_not_learned=True)  # routing only: index the key learned or not
     editor.apply_batch([Edit("dd", "The mother tongue of Danielle Darrieux is", " English", subject="Danielle Darrieux")])
     files = editor.export_files()
     model, tokenizer = tiny_model("gpt2")
@@ -168,7 +168,7 @@ def test_snapshots_written_before_scope_keys_load_with_the_paper_key(make_editor
 
     from melo_runtime.tiny import tiny_model
 
-    editor = make_editor("gpt2", key_source="hidden")
+    editor = make_editor("gpt2", key_source="hidden", index_not_learned=True)
     editor.apply_batch([Edit("a", "The capital of France is", " Lyon")])
     files = editor.export_files()
     config = json.loads(files["config.json"])
