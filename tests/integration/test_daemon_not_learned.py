@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon import metrics
-from tests.integration.daemon_harness import MODEL, Deployment, applied_edit_ids, zsre_events
+from melo_testkit.daemon_harness import MODEL, Deployment, applied_edit_ids, zsre_events
 
 NO_BUDGET = ["iterations = 1", "max_iterations = 1", "retry_rounds = 0", "index_not_learned = false"]
 
