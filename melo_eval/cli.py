@@ -63,6 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     melo.add_argument("--key-module")
     melo.add_argument("--target-modules", help="comma-separated module names")
     melo.add_argument("--no-early-stop", action="store_true")
+    melo.add_argument("--index-not-learned", action="store_true",
+                      help="index an edit's keys even when its block did not learn it (tiny smoke runs)")
     melo.add_argument("--conflict-policy", choices=("forget", "split"),
                       help="what a cluster conflict does with the members it pushes out (default: forget)")
     melo.add_argument("--max-length-tokens", type=int,

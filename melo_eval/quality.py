@@ -102,6 +102,8 @@ def melo_config(model, task: str, args: argparse.Namespace):
     data = {**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
     if args.no_early_stop:
         data["early_stop"] = False
+    if getattr(args, "index_not_learned", False):
+        data["index_not_learned"] = True
     return MeloConfig.from_dict(data)
 
 
