@@ -210,3 +210,10 @@ def test_config_json_leaves_out_later_fields_only_at_their_defaults():
     data = config.to_dict()
     assert data["key_source"] == "scope" and "train_chat_form" not in data and "max_iterations" not in data
     assert MeloConfig.from_dict(data) == config
+
+
+def test_long_inputs_are_embedded_by_their_end_so_a_shared_opening_does_not_merge_them():
+    encoder = load_encoder("minilm-l6")
+    opening = "This is a Wikipedia passage about Ada Lovelace. " + "She was a writer and a mathematician. " * 30
+    first, second = encoder.encode([opening + "She was born in London.", opening + "She died of cancer in 1852."])
+    assert float(np.linalg.norm(first - second)) > 0.2
