@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import time
 import uuid
 from datetime import UTC, datetime
@@ -101,7 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         worker = build_worker(settings, crash=crash, on_progress=_say,
                               training_display=_training_bar if sys.stderr.isatty() else None)
     except (ValueError, OSError) as error:  # a backbone or spool that cannot load: say why, no traceback
-        _say(f"melo run: cannot start: {error}")
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"melo run: error: cannot start: {error}", file=sys.stderr)
         return 2
     _say(
         f"melo run: model {settings.model} on backbone {settings.backbone}, source "

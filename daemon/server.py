@@ -28,6 +28,7 @@ import argparse
 import hmac
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -576,7 +577,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         app = build_app(settings)
     except (ValueError, OSError) as error:  # a backbone that cannot load: say why, no traceback
-        print(f"melo serve: cannot serve backbone {settings.backbone!r}: {error}")
+        print(f"melo serve: error: cannot serve backbone {settings.backbone!r}: {error}", file=sys.stderr)
         return 2
     print(f"melo serve: model {settings.model} from {settings.snapshot_root}, http://{host}:{port} (OpenAPI at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -12,5 +12,5 @@ def test_a_missing_checkpoint_directory_is_one_clear_line(tmp_path, capsys, comm
                       "[metrics]\nenabled = false\n")
     (tmp_path / "data" / "spool" / "melo.edits").mkdir(parents=True)
     assert main([command, "--config", str(config)]) == 2
-    out = capsys.readouterr().out
-    assert "cannot" in out and "no-such-model" in out and "neither a shipped backbone" in out
+    err = capsys.readouterr().err  # one line on stderr, as every configuration or startup error
+    assert "error: cannot" in err and "no-such-model" in err and "neither a shipped backbone" in err
