@@ -3,8 +3,9 @@
 Each edit is trained on its prompt and rephrases (the rows the vector DB indexes) and, by the
 config, on
 
-* the **chat form**: the question (the prompt without a ``Q: ... A:`` wrapper) as the user message
-  of the tokenizer's chat template, the target (stripped) as the assistant's reply;
+* the **chat form** (models with a chat template): the question (the prompt without a ``Q: ... A:``
+  wrapper) as the user message of the tokenizer's chat template, the target (stripped) as the
+  assistant's reply;
 * **context prefixes**: the prompt after a short lead-in that the base model itself wrote from a
   neutral seed word, as ROME and MEMIT do, so the edit holds when the question is not the first
   thing the model reads.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melo_runtime.chat import question_of, render
+from melo_runtime.chat import has_chat_template, question_of, render
 from melo_runtime.encoding import TextEncoder
 
 # Seed words for the lead-ins (ROME's choice of neutral sentence starts).
@@ -71,8 +72,11 @@ def expand(
 ) -> list[TrainingRow]:
     """``rows`` (the indexed ones) followed by their chat-form and prefixed variants."""
     extra: list[TrainingRow] = []
+    # Only a model with a chat template of its own (an instruct model) is asked in chat form; a base
+    # model's chats are plain role lines, not worth half of a block's training budget.
+    chat = chat_form and has_chat_template(tokenizer)
     for row in rows:
-        if chat_form:
+        if chat:
             text = render(tokenizer, [{"role": "user", "content": question_of(row.text)}])
             extra.append(TrainingRow(row.edit_id, text, row.target.strip(), indexed=False))
         for prefix in prefixes:

@@ -57,13 +57,18 @@ def user_question(messages: Sequence[Mapping[str, str]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer has a chat template of its own (instruct models do)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
     """The conversation through the tokenizer's chat template, ready for the assistant's turn.
 
     A tokenizer without a template (base models, the tiny test tokenizers) gets ``role: content``
     lines and an open ``assistant:`` line, rendered as plain text (its own special tokens added).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         lines = [f"{message['role']}: {message['content']}" for message in messages]
         return "\n".join([*lines, "assistant:"])
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

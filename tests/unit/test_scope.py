@@ -191,9 +191,12 @@ def test_context_prefixes_are_written_by_the_base_model_and_train_extra_rows_tha
     assert prefixes[0].startswith("The") and prefixes[1].startswith("Therefore")
     assert prefixes == augment.context_prefixes(model, tokenizer, TextEncoder(model, tokenizer), 2)  # deterministic
     rows = [augment.TrainingRow("e", "Q: Who founded Zorblax? A:", " Mira", indexed=True)]
+    # No chat template (a base model): no chat-form row.
+    assert [r.indexed for r in augment.expand(rows, tokenizer, chat_form=True, prefixes=[])] == [True]
+    tokenizer.chat_template = CHAT_TEMPLATE
     expanded = augment.expand(rows, tokenizer, chat_form=True, prefixes=prefixes)
     assert [r.indexed for r in expanded] == [True, False, False, False]
-    assert expanded[1].text.endswith("assistant:") and "Who founded Zorblax?" in expanded[1].text
+    assert expanded[1].text.endswith("<s>assistant: ") and "user: Who founded Zorblax?</s>" in expanded[1].text
     assert expanded[1].target == "Mira"  # the chat reply: the target without its leading space
     assert [r.text for r in expanded[2:]] == [p + rows[0].text for p in prefixes]
 

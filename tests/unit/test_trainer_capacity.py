@@ -1,5 +1,5 @@
 """Issue 16: whatever the batch size, every edit of a batch ends learned and is reproduced by greedy
-generation, with each family's shipped preset (``MeloConfig.for_model``).
+generation, with each family's shipped preset (``preset_for``).
 
 Tiny random models are a hard case for the trainer: their final norm and tiny output weights cap
 the logits, so the loss floors near 4 nats and a target is won by argmax margins alone.
@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from melo_runtime import Edit, MeloConfig, MeloEditor
+from melo_runtime import Edit, MeloEditor
+from melo_runtime.presets import preset_for
 from melo_runtime.tiny import tiny_model, tiny_tokenizer
 
 SUBJECTS = [
@@ -63,7 +64,7 @@ def test_every_edit_of_a_batch_is_learned_and_generated_with_the_shipped_preset(
     model, tokenizer = tiny_qwen2() if family == "qwen2" else tiny_model(family)
     # Tiny random models route similar prompts into one another's clusters; "split" keeps routing out
     # of this test (no edit is forgotten), which is about training.
-    config = dataclasses.replace(MeloConfig.for_model(model), conflict_policy="split")
+    config = dataclasses.replace(preset_for(model), conflict_policy="split")
     editor = MeloEditor(model, tokenizer, config)
     edits = new_facts(size)
 
