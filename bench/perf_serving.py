@@ -82,7 +82,10 @@ def publish_snapshots(root: Path, args: argparse.Namespace, edits: list) -> dict
     """Publish the base (no edits) and edited snapshots; return what the report needs about them."""
     model, tokenizer = load_backbone(args.backbone)
     preset = preset_for(model, "generate")
-    config = dataclasses.replace(preset, iterations=args.iterations or preset.iterations)
+    config = preset
+    if args.iterations:  # a fixed small budget (smoke runs): serve every edit's key, learned or not
+        config = dataclasses.replace(preset, iterations=args.iterations, max_iterations=args.iterations,
+                                     retry_rounds=0, index_not_learned=True)
     store = FsSnapshotStore(root)
     meta = {"base_model": {"id": args.backbone, "weights_sha256": backbone_fingerprint(model)},
             "melo_config": config.to_dict()}

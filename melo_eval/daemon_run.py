@@ -77,7 +77,6 @@ def writer_settings(
         model=run,
         backbone=backbone,
         task="generate",
-        device="cpu",
         melo=melo or {},
         data_dir=services.root / run,
         batch=batch,
@@ -85,7 +84,7 @@ def writer_settings(
                "topics": {role: f"{run}.{role}" for role in TOPIC_ROLES}, **FAST_GROUP_CONSUMER},
         redis={"url": services.redis_url, "lease_ttl_s": 30.0, "lease_renew_s": 5.0, "retry_deadline_s": 60.0},
         metrics={"enabled": False},
-        **sections,
+        **({"device": "cpu"} | sections),  # the CPU unless a caller (melo eval --device) says otherwise
     )
 
 

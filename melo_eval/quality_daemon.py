@@ -26,6 +26,7 @@ the pipeline section of metrics.json counts receipts by status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -124,7 +125,8 @@ def run_writer(stream: Stream, config: Any, args: argparse.Namespace, backbone: 
     run = f"eval-{stream.name}"
     n_batches = -(-len(stream.cases) // args.batch_size)
     settings = writer_settings(
-        run, services, backbone=backbone, melo=config.to_dict(),
+        # Every field, defaults included: the writer applies these over its own preset.
+        run, services, backbone=backbone, melo=dataclasses.asdict(config),
         batch={"max_size": args.batch_size, "max_wait_s": BACKLOG_WAIT_S},
         retention={"keep_last": n_batches + 1},  # every version stays loadable for the evaluation
         dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,

@@ -123,8 +123,9 @@ class BlockLoRALayer(nn.Module):
             a, b = state.training[self.name]
             index = state.training_blocks
             a, b = a.index_select(0, index), b.index_select(0, index)  # each row's own block
-            hidden = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [rows, seq, p]
-            return out + torch.bmm(hidden, b.transpose(1, 2)).to(out.dtype)
+            x3 = x.view(index.shape[0], -1, x.shape[-1]) if x.dim() == 2 else x  # OPT: [batch * seq, features]
+            hidden = torch.bmm(x3.to(a.dtype), a.transpose(1, 2))  # [rows, seq, p]
+            return out + torch.bmm(hidden, b.transpose(1, 2)).to(out.dtype).view(out.shape)
         if state.blocks is None or state.factors is None or self.name not in state.factors:
             return out
         return self._add_routed_delta(x, out, state.blocks, state.factors[self.name])

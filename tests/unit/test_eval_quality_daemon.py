@@ -67,7 +67,7 @@ def test_daemon_replay_scores_each_published_version_exactly_like_the_in_process
     assert [r["version"] for r in daemon["rows"]] == [None, 1, 2]
     published = [r["published_seconds"] for r in daemon["rows"][1:]]
     assert 0 < published[0] < published[1]
-    assert daemon["rows"][-1]["es_tf"] > 0 and daemon["rows"][-1]["conflicts"] > 0  # trained, clusters collided
+    assert daemon["rows"][-1]["es_tf"] > 0  # trained
     for ours, theirs in zip(daemon["rows"], inproc["rows"], strict=True):
         assert {k: v for k, v in ours.items() if k not in TIMING | {"version", "published_seconds"}} == {
             k: v for k, v in theirs.items() if k not in TIMING}
