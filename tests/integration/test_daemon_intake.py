@@ -7,6 +7,7 @@ They are now refused at intake with reason ``too_many_tokens``, so blocks = batc
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from melo_testkit.daemon_harness import (
@@ -36,7 +37,10 @@ def test_edits_over_the_token_budget_are_dead_lettered_and_good_edits_keep_one_b
     store = deployment.store()
     edit_versions = [m for m in store.versions(MODEL) if m.kind == "edit"]
     assert [len(m.edit_ids) for m in edit_versions] == [10, 10, 10, 10]
-    assert edit_versions[-1].stats["blocks"] == 4, "one block per batch of valid edits"
+    # The trainer puts at most edits_per_block edits in one block (issue 16): a batch of 10 fills
+    # ceil(10 / edits_per_block) blocks, never more (no bisection fragments).
+    per_block = edit_versions[-1].melo_config["edits_per_block"]
+    assert edit_versions[-1].stats["blocks"] == 4 * math.ceil(10 / per_block), "blocks = the batches' own blocks"
     refused = [r for r in deployment.read_topic("results") if r["status"] == "rejected"]
     assert {r["edit_id"] for r in refused} == {f"long-{i}" for i in range(10)}
     assert {r["reason"] for r in refused} == {"too_many_tokens"}

@@ -139,7 +139,7 @@ def test_load_backbone_reuses_the_smollm2_cache_dir(smollm2_cache, smollm2_from_
 
 
 def test_load_backbone_rejects_unknown_names_listing_the_known_ones():
-    with pytest.raises(ValueError, match="unknown backbone 'gpt2-xl'.*tiny-bert.*minilm-l6.*smollm2-135m"):
+    with pytest.raises(ValueError, match="backbone 'gpt2-xl' is neither a shipped backbone .*tiny-bert.*minilm-l6.*smollm2-135m"):
         load_backbone("gpt2-xl")
 
 
