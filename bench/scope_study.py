@@ -78,12 +78,7 @@ def route(db: VectorDB, scope: ScopeKeys | None, encoder: SentenceEncoder, texts
     if scope is None:
         keys = encoder.encode(list(texts))
         return [None if hit is None else hit.edit_id for hit in db.search(keys)]
-    keys, rows = scope.query_keys(list(texts))
-    best: list[tuple[float, str] | None] = [None] * len(texts)
-    for row, hit in zip(rows.tolist(), db.search(keys)):
-        if hit is not None and (best[row] is None or hit.distance < best[row][0]):
-            best[row] = (hit.distance, hit.edit_id)
-    return [None if b is None else b[1] for b in best]
+    return [None if hit is None else hit.edit_id for hit in scope.search(db, list(texts))]
 
 
 def run(variant: str, radius: float, cases: list[dict], locality: list[str], encoder: SentenceEncoder,

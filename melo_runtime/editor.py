@@ -444,13 +444,7 @@ class MeloEditor:
         db, scope = self._db, self._scope  # one consistent pair: a writer swaps both together
         if scope is None:
             return db.search(self._keys(texts).cpu().numpy())
-        keys, rows = scope.query_keys(texts)
-        best: list[Hit | None] = [None] * len(texts)
-        for row, hit in zip(rows.tolist(), db.search(keys)):
-            current = best[row]
-            if hit is not None and (current is None or hit.distance < current.distance):
-                best[row] = hit
-        return best
+        return scope.search(db, texts)
 
     def _inputs(self, rows: Sequence[Prompt]) -> tuple[list[str], list[str]]:
         """Model texts (chats rendered) and the question routing reads, per row."""

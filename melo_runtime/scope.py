@@ -392,6 +392,17 @@ class ScopeKeys:
         embeddings = self.encoder.encode(clauses) if clauses else np.zeros((0, self.encoder.dim), np.float32)
         return self._combine(embeddings, subjects), np.asarray(rows, dtype=np.int64)
 
+    def search(self, db: Any, texts: Sequence[str]) -> list[Any]:
+        """The vector DB's hit for each query (``None``: no edit in scope): the nearest of its
+        candidate keys' hits, each inside its own cluster's radius."""
+        keys, rows = self.query_keys(texts)
+        best: list[Any] = [None] * len(texts)
+        for row, hit in zip(rows.tolist(), db.search(keys)):
+            current = best[row]
+            if hit is not None and (current is None or hit.distance < current.distance):
+                best[row] = hit
+        return best
+
     @staticmethod
     def _combine(embeddings: np.ndarray, subjects: Sequence[str]) -> np.ndarray:
         codes = np.stack([subject_code(s) for s in subjects]) if len(subjects) else np.zeros((0, SUBJECT_DIM))
