@@ -13,8 +13,8 @@ FACTS = [("The capital of France is", " Lyon"), ("Who wrote Hamlet?", " Marlowe"
 PROMPTS = [FACTS[0][0], FACTS[1][0], "Unrelated text here"]
 
 
-def _edited(make_editor, family="gpt2"):
-    editor = make_editor(family, learnable=True)
+def _edited(make_editor, family="gpt2", **overrides):
+    editor = make_editor(family, learnable=True, **overrides)
     editor.apply_batch([Edit("a", *FACTS[0])])
     editor.apply_batch([Edit("b", *FACTS[1])])
     return editor
@@ -176,7 +176,7 @@ def test_the_conflict_policy_round_trips_through_the_config_and_snapshots(make_e
 
 
 def test_a_snapshot_from_before_the_conflict_policy_loads_as_forget(make_editor):
-    files = _edited(make_editor).export_files()
+    files = _edited(make_editor, conflict_policy="forget").export_files()
     model, tokenizer = tiny_model("gpt2")
     loaded = MeloEditor.from_files(_without_conflict_policy(files), model, tokenizer)
     assert loaded.config.conflict_policy == "forget"
@@ -184,7 +184,7 @@ def test_a_snapshot_from_before_the_conflict_policy_loads_as_forget(make_editor)
 
 
 def test_a_config_and_vector_db_with_different_conflict_policies_are_refused(make_editor):
-    files = _edited(make_editor).export_files()
+    files = _edited(make_editor, conflict_policy="forget").export_files()
     config = json.loads(files["config.json"])
     files["config.json"] = json.dumps({**config, "conflict_policy": "split"}).encode()
     model, tokenizer = tiny_model("gpt2")
