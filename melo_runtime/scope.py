@@ -114,13 +114,14 @@ def _significant(words: tuple[str, ...]) -> tuple[str, ...]:
     return kept or words
 
 
-def _word_matches(subject_word: str, query_words: set[str]) -> bool:
-    if subject_word in query_words:
+def _same_word(query_word: str, subject_word: str) -> bool:
+    """Whether a query word is the subject word, up to SUFFIX_SLACK more letters (3+ letter words)."""
+    if query_word == subject_word:
         return True
-    if len(subject_word) < 3:
-        return False
-    return any(
-        q.startswith(subject_word) and len(q) - len(subject_word) <= SUFFIX_SLACK for q in query_words
+    return (
+        len(subject_word) >= 3
+        and query_word.startswith(subject_word)
+        and len(query_word) - len(subject_word) <= SUFFIX_SLACK
     )
 
 
@@ -128,7 +129,7 @@ def mentions(subject: str, text: str) -> bool:
     """Whether ``text`` names ``subject``: every significant subject word appears (up to SUFFIX_SLACK)."""
     words = _significant(subject_words(subject))
     present = set(subject_words(text))
-    return bool(words) and all(_word_matches(word, present) for word in words)
+    return bool(words) and all(any(_same_word(q, word) for q in present) for word in words)
 
 
 def subject_clause(text: str, subject: str | None) -> str:
@@ -157,9 +158,10 @@ def _mask(text: str, subject: str) -> str:
     last = 0
     masking = False
     for match in _WORD.finditer(text):
-        (token,) = subject_words(match.group()) or ("",)
-        hit = _word_matches_one(token, words)
-        joiner = masking and token in _FUNCTION_WORDS and token not in words
+        # One word of the text may normalize to several ("½" -> "1", "2"): any of them counts.
+        tokens = subject_words(match.group())
+        hit = any(_same_word(token, word) for token in tokens for word in words)
+        joiner = masking and bool(tokens) and all(t in _FUNCTION_WORDS and t not in words for t in tokens)
         if hit or joiner:
             if not masking:
                 out.append(text[last : match.start()])
@@ -170,15 +172,6 @@ def _mask(text: str, subject: str) -> str:
         masking = False
     out.append(text[last:])
     return "".join(out)
-
-
-def _word_matches_one(token: str, subject_words_: set[str]) -> bool:
-    if token in subject_words_:
-        return True
-    return any(
-        len(word) >= 3 and token.startswith(word) and len(token) - len(word) <= SUFFIX_SLACK
-        for word in subject_words_
-    )
 
 
 def subject_code(subject: str) -> np.ndarray:

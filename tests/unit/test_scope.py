@@ -215,3 +215,10 @@ def test_long_inputs_are_embedded_by_their_end_so_a_shared_opening_does_not_merg
     opening = "This is a Wikipedia passage about Ada Lovelace. " + "She was a writer and a mathematician. " * 30
     first, second = encoder.encode([opening + "She was born in London.", opening + "She died of cancer in 1852."])
     assert float(np.linalg.norm(first - second)) > 0.2
+
+
+def test_a_word_that_normalizes_to_several_words_does_not_break_masking():
+    # NFKD turns "½" into "1⁄2": two words where the text had one.
+    assert subject_clause("Q: Is ½ of UniFirst owned by a bank? A:", "unifirst") == (
+        f"Is ½ of {SUBJECT_PLACEHOLDER} owned by a bank? A:"
+    )
