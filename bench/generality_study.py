@@ -42,6 +42,8 @@ VARIANTS = {
     "scope": {**SCOPE_PRESET, "train_chat_form": False, "train_context_prefixes": 0},
     "scope+chat": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
     "scope+chat+prefix": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 4},
+    "scope+chat+prefix2": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 2},
+    "scope+chat+margin": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0, "margin_loss": 0.1},
     "scope+chat+6layers": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
 }
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).

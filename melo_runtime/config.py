@@ -25,6 +25,7 @@ LATER_FIELD_DEFAULTS: dict[str, Any] = {
     "max_iterations": 300,
     "retry_rounds": 3,
     "index_not_learned": False,
+    "margin_loss": 0.0,
 }
 
 
@@ -75,6 +76,10 @@ class MeloConfig:
     # True: it is indexed anyway and counts as applied (learned=False), the behaviour before the
     # guarantee; for delivery tests whose deliberately tiny budget learns nothing.
     index_not_learned: bool = False
+    # 0 (default): a row leaves training as soon as greedy decoding reproduces its target. > 0: it
+    # trains on (within the same budget) until its mean target-token loss is at most this, so the
+    # edit holds with a margin rather than on a knife's edge (a reworded question moves the logits).
+    margin_loss: float = 0.0
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -109,6 +114,8 @@ class MeloConfig:
                 raise ValueError(f"{name}={value!r} must be > 0")
         if self.retry_rounds < 0:
             raise ValueError(f"retry_rounds={self.retry_rounds!r} must be >= 0")
+        if not 0 <= self.margin_loss < 10:
+            raise ValueError(f"margin_loss={self.margin_loss!r} must be in [0, 10)")
         if self.max_rephrases < 0:
             raise ValueError(f"max_rephrases={self.max_rephrases!r} must be >= 0")
         if self.key_source not in KEY_SOURCES:

@@ -167,11 +167,12 @@ def _fit(
     while True:
         row_loss, hits, right = step.forward(everyone[active], block_of[active], trained)
         result.losses.append(float(row_loss.detach().mean()))
-        if config.early_stop and bool(hits.all()):
+        done = _done(hits, row_loss, config)
+        if config.early_stop and bool(done.all()):
             if active.numel() == len(rows):
                 break
             row_loss, hits = _recheck(step, everyone, block_of, trained)
-            active = torch.nonzero(~hits).squeeze(1)
+            active = torch.nonzero(~_done(hits, row_loss, config)).squeeze(1)
             if active.numel() == 0:
                 active = torch.arange(len(rows))  # every row learned, and ``row_loss`` covers them all
                 break
@@ -184,7 +185,7 @@ def _fit(
             if iterations >= config.iterations and window is not None and not _progressed(window, now):
                 break
             window = now
-        keep = ~hits if config.early_stop else torch.ones_like(hits)
+        keep = ~done if config.early_stop else torch.ones_like(hits)
         loss = row_loss[keep].sum() / keep.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,6 +203,13 @@ def _fit(
     learned = {row: bool(hit) for row, hit in zip(rows, hits.tolist(), strict=True)}
     losses = {row: float(value) for row, value in zip(rows, row_loss.tolist(), strict=True)}
     return learned, losses
+
+
+def _done(hits: torch.Tensor, row_loss: torch.Tensor, config: MeloConfig) -> torch.Tensor:
+    """Rows that may leave training: target reproduced and, with ``margin_loss``, loss at most that."""
+    if config.margin_loss <= 0:
+        return hits
+    return hits & (row_loss.detach() <= config.margin_loss)
 
 
 def _progressed(start: tuple[float, int], now: tuple[float, int]) -> bool:
