@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from melo_runtime.chat import question_of
+
 SUBJECT_DIM = 64
 SUBJECT_SCALE = 4.0
 # A query word matches a subject word it starts with when at most this many characters follow
@@ -142,6 +144,7 @@ def subject_clause(text: str, subject: str | None) -> str:
     one subject ("When was Luna 1 launched?", "Of what series is Luna 1 a part?") stay apart. Without
     a subject, or when no sentence names it, the whole text.
     """
+    text = question_of(text)  # "Q: ... A:" and a chat user message embed alike
     if not subject:
         return text
     sentences = _sentences(text)

@@ -220,5 +220,11 @@ def test_long_inputs_are_embedded_by_their_end_so_a_shared_opening_does_not_merg
 def test_a_word_that_normalizes_to_several_words_does_not_break_masking():
     # NFKD turns "½" into "1⁄2": two words where the text had one.
     assert subject_clause("Q: Is ½ of UniFirst owned by a bank? A:", "unifirst") == (
-        f"Is ½ of {SUBJECT_PLACEHOLDER} owned by a bank? A:"
+        f"Is ½ of {SUBJECT_PLACEHOLDER} owned by a bank?"
     )
+
+
+def test_the_clause_drops_a_qa_wrapper_so_a_prompt_and_its_chat_question_embed_alike():
+    # Without this, "A" after a subject was taken for the article "a" and masked with it.
+    assert subject_clause("Q: What is the home ground of Ajax A:", "ajax") == f"What is the home ground of {SUBJECT_PLACEHOLDER}"
+    assert subject_clause("Q: Who founded Ajax? A:", "ajax") == subject_clause("Who founded Ajax?", "ajax")
