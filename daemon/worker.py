@@ -337,7 +337,7 @@ class Worker(WriterState):
         """(reason, detail) if the editor would refuse this edit, e.g. over its token budget: the
         character limits of schemas/ cannot see tokens, so the budget is checked here, at intake,
         and a refused edit never enters (and never splits) a batch."""
-        from melo_runtime.editor import TokenLimitError
+        from melo_runtime.validation import TokenLimitError
 
         try:
             self.editor.check_edit(_to_edit(event))
