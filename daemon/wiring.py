@@ -30,7 +30,8 @@ LOCAL_RETRY_DEADLINE_S = 60.0
 
 
 class BackboneEditors:
-    """:class:`daemon.writer_state.EditorFactory` over one backbone loaded once (on the GPU when settings.device allows)."""
+    """:class:`daemon.writer_state.EditorFactory` over one backbone loaded once (on the GPU when
+    settings.device allows)."""
 
     def __init__(
         self,
