@@ -89,8 +89,8 @@ def per_query_seconds(
 
 def nearest_ids(db: VectorDB, queries: np.ndarray) -> np.ndarray:
     """The nearest cluster id per query as the database's current search path picks it."""
-    # The private method: the bench measures the routing decision itself, before the radius test.
-    return np.array([cid for cid, _ in db._nearest(queries)])  # noqa: SLF001
+    # The bench measures the routing decision itself, before the radius test.
+    return np.array([cid for cid, _ in db.nearest(queries)])
 
 
 def query_sets(keys: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:

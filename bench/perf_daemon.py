@@ -2,7 +2,7 @@
 
     python -m bench.perf_daemon --backbone tiny-gpt2 --batch-sizes 1 10 100
 
-The whole writer runs as ``melo run`` wires it (``daemon.worker.build_worker`` + the scheduler):
+The whole writer runs as ``melo run`` wires it (``daemon.wiring.build_worker`` + the scheduler):
 a real Kafka-protocol broker (Tansu) and a real Redis, both started on loopback by
 ``melo_testkit.services``, a filesystem snapshot store, receipts and announcements on Kafka. For each
 trainer and micro-batch size B (``batch.max_size``), on fresh topics and a fresh model namespace:
@@ -50,7 +50,7 @@ from melo_eval.daemon_run import (
 from bench.perf_common import environment, latency_summary, write_report, zsre_edits
 from melo_eval.tables import markdown_table
 from daemon.settings import Settings
-from daemon.worker import BackboneEditors, build_worker
+from daemon.wiring import BackboneEditors, build_worker
 from melo_runtime import BatchResult, Edit, MeloConfig
 from melo_testkit.services import create_topics, wait_until
 from melo_runtime.presets import preset_for
@@ -115,7 +115,7 @@ class NoOpEditor:
 
 
 class NoOpEditors:
-    """:class:`daemon.worker.EditorFactory` of :class:`NoOpEditor`, on the real backbone's preset config."""
+    """:class:`daemon.writer_state.EditorFactory` of :class:`NoOpEditor`, on the real backbone's preset config."""
 
     def __init__(self, real: BackboneEditors) -> None:
         self.base_model = real.base_model

@@ -63,7 +63,7 @@ def populate(editor, prompts: list[str], prompt_keys: np.ndarray, n_edits: int, 
     config = editor.config
     n_blocks = max(1, -(-n_edits // config.edits_per_block))
     torch.manual_seed(seed)
-    for factors in editor._factors.values():  # noqa: SLF001 -- synthetic state, see module docstring
+    for factors in editor.factors.values():  # synthetic state, see module docstring
         for _ in range(n_blocks):
             factors.append(torch.randn(factors.rank, factors.d_in) * 0.01, torch.randn(factors.d_out, factors.rank) * 0.01)
     spread = 50.0 * config.r_init / np.sqrt(prompt_keys.shape[1])  # noise norm ~ 50 R_init: distinct clusters
@@ -72,7 +72,7 @@ def populate(editor, prompts: list[str], prompt_keys: np.ndarray, n_edits: int, 
     synthetic = base + generator.normal(0, spread, base.shape).astype(np.float32)
     keys = np.concatenate([prompt_keys[: min(n_edits, len(prompt_keys))], synthetic]).astype(np.float32)
     blocks = [i % n_blocks for i in range(len(keys))]
-    editor._db.insert(keys, [f"label-{i}" for i in range(len(keys))], blocks, [f"e{i}" for i in range(len(keys))])  # noqa: SLF001
+    editor.db.insert(keys, [f"label-{i}" for i in range(len(keys))], blocks, [f"e{i}" for i in range(len(keys))])
     if editor._scope is not None:  # noqa: SLF001 -- the subjects the prompts' keys were made with
         editor._scope = editor._scope.with_subjects(normalized_subject(infer_subject(p)) for p in prompts)  # noqa: SLF001
 
@@ -123,14 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         populate(editor, prompts, prompt_keys, n_edits)
         scoped = editor.config.key_source == "scope"
         routed = sum(route is not None for route in editor.route(prompts))
-        batch = editor._encoder.prompts(prompts)  # noqa: SLF001
+        batch = editor.encoder.prompts(prompts)
         # Interleave base and edited measurements so load changes on the shared CPU hit both alike.
         base_times, edited_times = [], []
         for _ in range(3):
             base_times.append(time_forward(model, batch.inputs, None, args.repeats, args.new_tokens))
             edited_times.append(time_forward(
                 model, batch.inputs,
-                lambda: editor._serving_state(batch.key_mask, prompts if scoped else None),  # noqa: SLF001
+                lambda: editor.serving_state(batch.key_mask, prompts if scoped else None),
                 args.repeats, args.new_tokens,
             ))
         base, edited = min(base_times), min(edited_times)

@@ -65,7 +65,7 @@ from melo_eval.tables import markdown_table
 from daemon.settings import Settings
 from daemon.snapshot_store_fs import FsSnapshotStore
 from daemon.snapshots import Manifest
-from daemon.worker import build_records
+from daemon.wiring import build_records
 from melo_testkit.daemon_harness import DaemonProcess, zsre_events
 from melo_testkit.services import KafkaBroker, RedisServer, create_topics, free_port, wait_until
 
@@ -121,7 +121,7 @@ class Member:
 
     @property
     def owner(self) -> str:
-        """The lease owner id a writer uses (``daemon.worker.build_worker``: host:pid)."""
+        """The lease owner id a writer uses (``daemon.wiring.build_worker``: host:pid)."""
         return f"{socket.gethostname()}:{self.proc.pid}"
 
     @property

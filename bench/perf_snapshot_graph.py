@@ -62,7 +62,7 @@ def state_files(db: VectorDB) -> dict[str, bytes]:
 def previous_layout_bytes(db: VectorDB) -> int:
     """Bytes of melo.editor/1's keys.safetensors for this DB: members + centres + graph, all float32."""
     stats = db.stats()
-    index = db._store.index  # noqa: SLF001 (measurement only)
+    index = db.centres
     graph = len(index.graph_bytes()) if index.graph is not None else 0
     return (stats["members"] + stats["clusters"]) * db.dim * 4 + graph
 
@@ -95,7 +95,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 {
                     "version": block + 1,
                     "clusters": clusters,
-                    "graph": db._store.index.graph is not None,  # noqa: SLF001 (measurement only)
+                    "graph": db.centres.graph is not None,
                     "new_bytes": sum(len(files[n]) for n in new),
                     "new_graph_bytes": sum(len(files[n]) for n in new if n.startswith("graph/")),
                     "index_json_bytes": len(files["index.json"]),

@@ -93,7 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.errors import WrongBaseWeights
     from daemon.monitor import monitor_for_worker
     from daemon.scheduler import start_scheduler
-    from daemon.worker import EXIT_RECOVERY, build_worker
+    from daemon.wiring import build_worker
+    from daemon.worker import EXIT_RECOVERY
 
     settings = _load_settings(args)
     crash = CrashPoints(os.environ.get("MELO_CRASH_AT"))
@@ -402,7 +403,7 @@ def _holder_text(holder: Any) -> str:
 
 
 def _steer(args: argparse.Namespace, kind: ControlType, **fields: Any) -> int:
-    from daemon.worker import build_records, build_worker
+    from daemon.wiring import build_records, build_worker
 
     settings = _load_settings(args)
     holder = build_records(settings).lease_holder(settings.model)

@@ -79,7 +79,7 @@ def _last_dead_letters(settings: Settings) -> list[dict[str, Any]]:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Serving version, lease holder, pending events, last errors."""
     from daemon.snapshot_store_fs import FsSnapshotStore
-    from daemon.worker import build_records
+    from daemon.wiring import build_records
 
     store = FsSnapshotStore(settings.snapshot_root)
     current = store.current(settings.model)

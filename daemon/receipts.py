@@ -59,7 +59,7 @@ class EditStatus:
 
 
 def _not_learned(receipt: dict[str, Any]) -> bool:
-    # The writer marks an applied-but-unlearned edit by its detail (daemon/worker.py); a later
+    # The writer marks an applied-but-unlearned edit by its detail (daemon/edit_outcomes.py); a later
     # writer may send status "not_learned" itself.
     detail = receipt.get("detail")
     return receipt.get("status") == "not_learned" or (

@@ -23,9 +23,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from daemon.errors import CorruptSnapshot, Fenced, Retryable
+from daemon.records import RecordStore
+from daemon.snapshots import SnapshotStore
 from daemon.sources import Offsets
 
 log = logging.getLogger("melo.recovery")
@@ -34,17 +36,6 @@ T = TypeVar("T")
 
 class RecoveryError(RuntimeError):
     """The stores disagree in a way recovery cannot repair by itself (an operator must look)."""
-
-
-def manifest_field(manifest: Any, name: str, default: Any = None) -> Any:
-    """Read a manifest field whether the store returns a mapping or an object."""
-    if isinstance(manifest, dict):
-        return manifest.get(name, default)
-    if hasattr(manifest, name):
-        return getattr(manifest, name)
-    if hasattr(manifest, "to_dict"):
-        return manifest.to_dict().get(name, default)
-    return default
 
 
 def retry(
@@ -73,8 +64,8 @@ def retry(
 
 
 def wait_for_lease(
-    records: Any,
-    snapshots: Any,
+    records: RecordStore,
+    snapshots: SnapshotStore,
     model: str,
     owner: str,
     ttl_s: float,
@@ -104,7 +95,7 @@ def wait_for_lease(
     return None
 
 
-def fence_snapshots(snapshots: Any, model: str, token: int, owner: str) -> None:
+def fence_snapshots(snapshots: SnapshotStore, model: str, token: int, owner: str) -> None:
     """Tell the snapshot store that ``token`` is the newest writer's, fencing out every older writer.
 
     The lease was acquired above the store's fence, so the store can only have seen a newer token if
@@ -119,7 +110,7 @@ def fence_snapshots(snapshots: Any, model: str, token: int, owner: str) -> None:
         ) from None
 
 
-def adopt_latest(snapshots: Any, model: str, token: int | None = None) -> int | None:
+def adopt_latest(snapshots: SnapshotStore, model: str, token: int | None = None) -> int | None:
     """Return the serving version, first moving CURRENT to the newest manifest if a crash left it behind.
 
     A manifest is written only after all its blobs, so a manifest newer than CURRENT is a complete
@@ -147,7 +138,7 @@ def adopt_latest(snapshots: Any, model: str, token: int | None = None) -> int | 
     return newest
 
 
-def applied_by_version(snapshots: Any, model: str, version: int | None) -> set[str]:
+def applied_by_version(snapshots: SnapshotStore, model: str, version: int | None) -> set[str]:
     """Edit ids the record store must list as applied once it is at ``version``.
 
     Edits stay applied when later forgotten or retracted (a redelivery must not bring them back);
@@ -161,10 +152,10 @@ def applied_by_version(snapshots: Any, model: str, version: int | None) -> set[s
         if v in memo:
             return memo[v]
         manifest = snapshots.manifest(model, v)
-        if manifest_field(manifest, "kind") == "rollback":
-            result = set(walk(manifest_field(manifest, "restores_version")))
+        if manifest.kind == "rollback":
+            result = set(walk(manifest.restores_version))
         else:
-            result = walk(manifest_field(manifest, "parent")) | set(manifest_field(manifest, "edit_ids") or [])
+            result = walk(manifest.parent) | set(manifest.edit_ids or [])
         memo[v] = result
         return result
 
@@ -190,8 +181,8 @@ def cluster_records(files: dict[str, bytes]) -> list[dict]:
 
 
 def reconcile(
-    records: Any,
-    snapshots: Any,
+    records: RecordStore,
+    snapshots: SnapshotStore,
     model: str,
     token: int,
     version: int | None,
@@ -245,7 +236,7 @@ class Recovered:
     corrupt: str | None = None
 
 
-def newest_verified(snapshots: Any, model: str, below: int) -> int | None:
+def newest_verified(snapshots: SnapshotStore, model: str, below: int) -> int | None:
     """The newest version older than ``below`` whose manifest and blobs verify, or None."""
     for version in range(below - 1, 0, -1):
         if not snapshots.verify(model, version):  # a missing or unreadable manifest is a problem too
@@ -253,7 +244,7 @@ def newest_verified(snapshots: Any, model: str, below: int) -> int | None:
     return None
 
 
-def corrupt_current_message(snapshots: Any, model: str, latest: int, problem: str) -> str:
+def corrupt_current_message(snapshots: SnapshotStore, model: str, latest: int, problem: str) -> str:
     """One line for an operator: what is broken and the exact command that repairs it."""
     good = newest_verified(snapshots, model, latest)
     if good is None:
@@ -265,7 +256,7 @@ def corrupt_current_message(snapshots: Any, model: str, latest: int, problem: st
 
 
 def _load_current(
-    snapshots: Any, model: str, token: int, *, tolerate_corrupt: bool
+    snapshots: SnapshotStore, model: str, token: int, *, tolerate_corrupt: bool
 ) -> tuple[int | None, dict[str, bytes] | None, str | None]:
     """(version, its files, None), or with ``tolerate_corrupt`` (latest version, None, problem)."""
     try:
@@ -280,20 +271,20 @@ def _load_current(
         return latest, None, str(error)
 
 
-def _covered_offsets(snapshots: Any, model: str, version: int | None) -> Offsets:
+def _covered_offsets(snapshots: SnapshotStore, model: str, version: int | None) -> Offsets:
     """The source positions ``version`` covers; for an unreadable manifest, those of the newest
     readable one below it (its events are read again and deduplicated by the record store)."""
     for v in range(version or 0, 0, -1):
         try:
-            return manifest_field(snapshots.manifest(model, v), "offsets") or {}
+            return snapshots.manifest(model, v).offsets or {}
         except (CorruptSnapshot, LookupError):
             continue
     return {}
 
 
 def recover(
-    records: Any,
-    snapshots: Any,
+    records: RecordStore,
+    snapshots: SnapshotStore,
     model: str,
     owner: str,
     *,

@@ -17,11 +17,11 @@ A store that never recorded an announcement (written before this existed) re-sen
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from daemon.errors import CorruptSnapshot, SnapshotNotFound
 from daemon.publish import Publisher
 from daemon.recovery import cluster_records
+from daemon.snapshots import SnapshotStore
 
 log = logging.getLogger("melo.redelivery")
 
@@ -29,7 +29,7 @@ RESENT_DETAIL = "re-sent after a restart: the first send was interrupted"
 _GONE_STATUS = {"edit": "forgotten", "rollback": "rolled_back", "retract": "retracted"}
 
 
-def unannounced_versions(snapshots: Any, model: str, current: int | None) -> list[int]:
+def unannounced_versions(snapshots: SnapshotStore, model: str, current: int | None) -> list[int]:
     """Versions up to ``current`` whose receipts and announcement may not have been sent."""
     if current is None:
         return []
@@ -38,7 +38,7 @@ def unannounced_versions(snapshots: Any, model: str, current: int | None) -> lis
     return list(range(start, current + 1))
 
 
-def reachable_edit_ids(snapshots: Any, model: str, version: int | None) -> set[str] | None:
+def reachable_edit_ids(snapshots: SnapshotStore, model: str, version: int | None) -> set[str] | None:
     """Edit ids reachable in ``version`` (its clusters' members); None if it cannot be read."""
     if version is None:
         return set()
@@ -50,17 +50,16 @@ def reachable_edit_ids(snapshots: Any, model: str, version: int | None) -> set[s
     return {str(e) for cluster in cluster_records(files) for e in cluster.get("edit_ids") or []}
 
 
-def resend_version(publisher: Publisher, snapshots: Any, model: str, version: int) -> int:
+def resend_version(publisher: Publisher, snapshots: SnapshotStore, model: str, version: int) -> int:
     """Queue the receipts and announcement of ``version``; return how many receipts were queued."""
     manifest = snapshots.manifest(model, version)
-    doc = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
-    added = list(doc.get("edit_ids") or [])
-    kind = doc.get("kind", "edit")
+    doc = manifest.to_dict()
+    added = list(manifest.edit_ids)
+    kind = manifest.kind
     for edit_id in added:
         publisher.receipt(edit_id, "applied", version=version, detail=RESENT_DETAIL)
     sent = len(added)
-    parent = doc.get("parent")
-    before, after = reachable_edit_ids(snapshots, model, parent), reachable_edit_ids(snapshots, model, version)
+    before, after = reachable_edit_ids(snapshots, model, manifest.parent), reachable_edit_ids(snapshots, model, version)
     if before is not None and after is not None:
         for edit_id in sorted((before | set(added)) - after):
             publisher.receipt(edit_id, _GONE_STATUS.get(kind, "forgotten"), version=version, reason=kind,
@@ -72,7 +71,7 @@ def resend_version(publisher: Publisher, snapshots: Any, model: str, version: in
     return sent
 
 
-def redeliver(publisher: Publisher, snapshots: Any, model: str, current: int | None) -> list[int]:
+def redeliver(publisher: Publisher, snapshots: SnapshotStore, model: str, current: int | None) -> list[int]:
     """Re-send every unannounced version's receipts and announcement, flush, then mark them announced.
 
     Returns the versions re-sent (oldest first).

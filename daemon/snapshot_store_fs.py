@@ -33,14 +33,12 @@ import hashlib
 import json
 import logging
 import os
-import re
-from datetime import datetime, timezone
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from daemon.durable import TMP_PREFIX, fsync_dir, locked, replace_file, write_temp
+from daemon.durable import fsync_dir, replace_file, write_temp
 from daemon.errors import CorruptSnapshot, Fenced, SnapshotNotFound, VersionConflict
+from daemon.snapshot_layout import SnapshotLayout, hash_file, now, remove_temp_files
 from daemon.snapshots import (
     MANIFEST_FORMAT,
     MARK_STATUSES,
@@ -50,11 +48,9 @@ from daemon.snapshots import (
     RetentionReport,
     Status,
 )
-from schemas import MODEL_NAME, manifest_problems
+from schemas import manifest_problems
 
 log = logging.getLogger("melo.snapshots")
-_MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
-_READ_CHUNK = 1 << 20
 
 
 class FsSnapshotStore:
@@ -62,6 +58,7 @@ class FsSnapshotStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self.layout = SnapshotLayout(self.root)
 
     def publish(
         self,
@@ -74,22 +71,22 @@ class FsSnapshotStore:
     ) -> Manifest:
         """Publish version parent+1 holding `files`; see `SnapshotStore.publish`."""
         refs = {name: FileRef(hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()}
-        with self._locked(model):
+        with self.layout.locked(model):
             manifest = self._build_manifest(model, refs, parent=parent, meta=meta)
             self._check_fence_locked(
                 model, int(manifest.writer.get("token", 0)), f"publish v{manifest.version}",
                 owner=str(manifest.writer.get("owner", "")),
             )
             for name, data in files.items():
-                self._put_blob(model, refs[name], data)
-            fsync_dir(self._blob_dir(model))
+                self.layout.put_blob(model, refs[name], data)
+            fsync_dir(self.layout.blob_dir(model))
             return self._commit_manifest(manifest, make_current=make_current)
 
     def restore(
         self, model: str, to_version: int, *, parent: int, meta: dict[str, Any], make_current: bool = True
     ) -> Manifest:
         """Publish version parent+1 reproducing `to_version`'s content; see `SnapshotStore.restore`."""
-        with self._locked(model):
+        with self.layout.locked(model):
             old = self.manifest(model, to_version)
             problems = self.verify(model, to_version)
             if problems:
@@ -116,7 +113,7 @@ class FsSnapshotStore:
 
     def current(self, model: str) -> int | None:
         """The version CURRENT names, or None before the first publish."""
-        path = self._model_dir(model) / "CURRENT"
+        path = self.layout.model_dir(model) / "CURRENT"
         try:
             text = path.read_text(encoding="ascii")
         except FileNotFoundError:
@@ -130,11 +127,11 @@ class FsSnapshotStore:
     def set_current(self, model: str, version: int, *, token: int | None = None) -> None:
         """Atomically point CURRENT at an existing version; a writer passes its fencing `token`
         (an operator's manual move passes none and is not fenced)."""
-        with self._locked(model):
+        with self.layout.locked(model):
             self.manifest(model, version)
             if token is not None:
                 self._check_fence_locked(model, token, f"move CURRENT to v{version}")
-            self._set_current_locked(model, version)
+            self.layout.write_current(model, version)
 
     def fence(self, model: str, token: int, *, owner: str = "") -> None:
         """Record `token` (just issued with the writer lease) as the newest writer token.
@@ -142,18 +139,18 @@ class FsSnapshotStore:
         Raises `Fenced` if the store has already seen a newer token. From now on a publish or
         CURRENT move under an older token is refused.
         """
-        with self._locked(model):
+        with self.layout.locked(model):
             self._check_fence_locked(model, token, "take over as writer", owner=owner)
 
     def mark_announced(self, model: str, version: int) -> None:
         """Record that the receipts and announcement of every version up to `version` are durable."""
-        with self._locked(model):
+        with self.layout.locked(model):
             if (self.announced(model) or 0) < version:
-                replace_file(self._model_dir(model) / "ANNOUNCED", f"{int(version)}\n".encode("ascii"))
+                replace_file(self.layout.model_dir(model) / "ANNOUNCED", f"{int(version)}\n".encode("ascii"))
 
     def announced(self, model: str) -> int | None:
         """The newest version marked announced; None if the store never recorded one."""
-        path = self._model_dir(model) / "ANNOUNCED"
+        path = self.layout.model_dir(model) / "ANNOUNCED"
         try:
             text = path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
@@ -167,16 +164,16 @@ class FsSnapshotStore:
 
     def fence_token(self, model: str) -> int:
         """The newest writer token this store has seen (0 before any)."""
-        return self._read_fence(model)
+        return self.layout.read_fence(model)
 
     def latest(self, model: str) -> int | None:
         """The highest published version (may be ahead of CURRENT), or None."""
-        numbers = self._version_numbers(model)
+        numbers = self.layout.version_numbers(model)
         return numbers[-1] if numbers else None
 
     def manifest(self, model: str, version: int) -> Manifest:
         """The manifest of `version` with its effective status."""
-        path = self._manifest_path(model, version)
+        path = self.layout.manifest_path(model, version)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -192,18 +189,18 @@ class FsSnapshotStore:
             raise CorruptSnapshot(f"manifest {path} violates schemas/manifest.v1.json: {'; '.join(problems[:3])}")
         if doc["version"] != version or doc["model"] != model:
             raise CorruptSnapshot(f"manifest {path} describes {doc['model']} v{doc['version']}, not {model} v{version}")
-        return Manifest.from_dict(doc, status=self._status(model, version))
+        return Manifest.from_dict(doc, status=self.layout.status(model, version))
 
     def versions(self, model: str) -> list[Manifest]:
         """Every retained version's manifest, oldest first."""
-        return [self.manifest(model, n) for n in self._version_numbers(model)]
+        return [self.manifest(model, n) for n in self.layout.version_numbers(model)]
 
     def load_files(self, model: str, version: int) -> dict[str, bytes]:
         """Every file of `version`, each checked against its sha256."""
         manifest = self.manifest(model, version)
         files: dict[str, bytes] = {}
         for name, ref in manifest.files.items():
-            path = self._blob_path(model, ref.sha256)
+            path = self.layout.blob_path(model, ref.sha256)
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
@@ -224,9 +221,9 @@ class FsSnapshotStore:
             return [str(exc)]
         problems = self._chain_problems(model, version)
         for name, ref in sorted(manifest.files.items()):
-            path = self._blob_path(model, ref.sha256)
+            path = self.layout.blob_path(model, ref.sha256)
             try:
-                size, digest = _hash_file(path)
+                size, digest = hash_file(path)
             except FileNotFoundError:
                 problems.append(f"{name}: blob {ref.sha256} is missing")
                 continue
@@ -238,45 +235,31 @@ class FsSnapshotStore:
 
     def _chain_problems(self, model: str, version: int) -> list[str]:
         """The hash chain at `version`: its manifest file must still hash to what its child recorded."""
-        child_path = self._manifest_path(model, version + 1)
+        child_path = self.layout.manifest_path(model, version + 1)
         try:
             child = json.loads(child_path.read_bytes())
             recorded, by = (child.get("parent_sha256"), f"v{version + 1}") if child.get("parent") == version else (None, "")
         except FileNotFoundError:  # the newest version: HEAD holds its hash
-            head = self._read_json(self._model_dir(model) / "HEAD")
+            head = self.layout.read_json(self.layout.model_dir(model) / "HEAD")
             recorded, by = (head.get("sha256"), "HEAD") if head.get("version") == version else (None, "")
         except (ValueError, AttributeError):
             return []  # a child that is not a manifest: its own verify reports it
         if recorded is None:
             return []  # chain start: written before manifests were chained
-        actual = self._manifest_sha256(model, version)
+        actual = self.layout.manifest_sha256(model, version)
         if actual != recorded:
-            path = self._manifest_path(model, version)
+            path = self.layout.manifest_path(model, version)
             return [f"manifest {path} was changed after it was published: it hashes to {actual}, but {by} recorded {recorded}"]
         return []
-
-    @staticmethod
-    def _read_json(path: Path) -> dict[str, Any]:
-        try:
-            doc = json.loads(path.read_bytes())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    def _manifest_sha256(self, model: str, version: int) -> str | None:
-        try:
-            return hashlib.sha256(self._manifest_path(model, version).read_bytes()).hexdigest()
-        except FileNotFoundError:
-            return None
 
     def mark(self, model: str, version: int, status: Status, *, reason: str = "") -> None:
         """Append a status mark (good | bad | pinned) for `version`."""
         if status not in MARK_STATUSES:
             raise ValueError(f"cannot mark a version {status!r}: use one of {sorted(MARK_STATUSES)}")
-        with self._locked(model):
+        with self.layout.locked(model):
             self.manifest(model, version)
-            line = json.dumps({"status": status, "at": _now(), "reason": reason[:1000]}) + "\n"
-            path = self._marks_path(model, version)
+            line = json.dumps({"status": status, "at": now(), "reason": reason[:1000]}) + "\n"
+            path = self.layout.marks_path(model, version)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, line.encode("utf-8"))
@@ -289,26 +272,26 @@ class FsSnapshotStore:
         """Delete old versions and the blobs only they used; see `SnapshotStore.retain`."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-        with self._locked(model):
-            numbers = self._version_numbers(model)
+        with self.layout.locked(model):
+            numbers = self.layout.version_numbers(model)
             keep = set(numbers[-keep_last:])
             current = self.current(model)
             if current is not None:
                 keep.add(current)
             statuses = keep_statuses | {"pinned"}
-            keep.update(n for n in numbers if self._status(model, n) in statuses)
+            keep.update(n for n in numbers if self.layout.status(model, n) in statuses)
             referenced: set[str] = set()
             for n in keep:
                 referenced.update(ref.sha256 for ref in self.manifest(model, n).files.values())
 
             removed_versions = [n for n in numbers if n not in keep]
             for n in removed_versions:
-                self._manifest_path(model, n).unlink()
-                self._marks_path(model, n).unlink(missing_ok=True)
-            fsync_dir(self._versions_dir(model))
+                self.layout.manifest_path(model, n).unlink()
+                self.layout.marks_path(model, n).unlink(missing_ok=True)
+            fsync_dir(self.layout.versions_dir(model))
 
-            blob_dir = self._blob_dir(model)
-            freed = _remove_temp_files(blob_dir, self._versions_dir(model), self._model_dir(model))
+            blob_dir = self.layout.blob_dir(model)
+            freed = remove_temp_files(blob_dir, self.layout.versions_dir(model), self.layout.model_dir(model))
             removed_blobs = []
             for path in sorted(blob_dir.iterdir()) if blob_dir.is_dir() else []:
                 if path.name not in referenced:
@@ -325,7 +308,7 @@ class FsSnapshotStore:
         unknown = set(meta) - META_KEYS
         if unknown:
             raise ValueError(f"unknown manifest meta keys {sorted(unknown)}: allowed are {sorted(META_KEYS)}")
-        if parent is not None and not self._manifest_path(model, parent).is_file():
+        if parent is not None and not self.layout.manifest_path(model, parent).is_file():
             # The parent must exist (a typo'd parent is a bug, not a new chain); it may be unreadable:
             # a rollback is how a corrupt newest version is repaired.
             raise SnapshotNotFound(f"{model} has no version {parent} under {self.root}: cannot publish on top of it")
@@ -336,8 +319,8 @@ class FsSnapshotStore:
                 "format": MANIFEST_FORMAT,
                 "version": version,
                 "parent": parent,
-                "parent_sha256": None if parent is None else self._manifest_sha256(model, parent),
-                "created_at": _now(),
+                "parent_sha256": None if parent is None else self.layout.manifest_sha256(model, parent),
+                "created_at": now(),
                 "model": model,
                 "base_model": meta.get("base_model", {"id": "unknown", "weights_sha256": None}),
                 "melo_config": meta.get("melo_config", {}),
@@ -364,10 +347,10 @@ class FsSnapshotStore:
         """Move the manifest into place exclusively, then (optionally) point CURRENT at it."""
         model, version = manifest.model, manifest.version
         doc = manifest.to_dict()
-        versions_dir = self._versions_dir(model)
+        versions_dir = self.layout.versions_dir(model)
         versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = write_temp(versions_dir, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
-        final = self._manifest_path(model, version)
+        final = self.layout.manifest_path(model, version)
         try:
             os.link(tmp, final)  # atomic and exclusive: fails if version n exists
         except FileExistsError:
@@ -379,124 +362,20 @@ class FsSnapshotStore:
             tmp.unlink()
         fsync_dir(versions_dir)
         head = {"version": version, "sha256": hashlib.sha256(final.read_bytes()).hexdigest()}
-        replace_file(self._model_dir(model) / "HEAD", json.dumps(head).encode("utf-8"))
+        replace_file(self.layout.model_dir(model) / "HEAD", json.dumps(head).encode("utf-8"))
         if make_current:
-            self._set_current_locked(model, version)
+            self.layout.write_current(model, version)
         return manifest
 
     def _check_fence_locked(self, model: str, token: int, action: str, *, owner: str = "") -> None:
         """Refuse `action` under a token older than FENCE; raise FENCE to a newer token (lock held)."""
-        newest = self._read_fence(model)
+        newest = self.layout.read_fence(model)
         if token < newest:
             raise Fenced(
                 f"{model}: the snapshot store refuses to {action} under writer token {token}: it has seen token "
                 f"{newest}, so another writer took the lease; this writer must stop publishing"
             )
         if token > newest:
-            doc = {"token": token, "owner": owner, "at": _now()}
-            replace_file(self._model_dir(model) / "FENCE", json.dumps(doc).encode("utf-8"))
+            doc = {"token": token, "owner": owner, "at": now()}
+            replace_file(self.layout.model_dir(model) / "FENCE", json.dumps(doc).encode("utf-8"))
 
-    def _read_fence(self, model: str) -> int:
-        path = self._model_dir(model) / "FENCE"
-        try:
-            token = json.loads(path.read_bytes())["token"]
-        except FileNotFoundError:
-            return 0
-        except (ValueError, KeyError, TypeError):
-            raise CorruptSnapshot(
-                f"{path} is not a fence record; stop every writer of {model}, then rewrite it as "
-                '{"token": <the record store\'s newest token>}'
-            ) from None
-        if not isinstance(token, int) or token < 0:
-            raise CorruptSnapshot(f"{path} holds token {token!r}, expected a non-negative integer")
-        return token
-
-    def _put_blob(self, model: str, ref: FileRef, data: bytes) -> None:
-        path = self._blob_path(model, ref.sha256)
-        try:
-            existing = _hash_file(path)
-        except FileNotFoundError:
-            existing = None
-        # An existing blob is re-hashed, not trusted: a damaged copy is replaced instead of reused.
-        if existing != (ref.bytes, ref.sha256):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = write_temp(path.parent, data)
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, path)
-
-    def _set_current_locked(self, model: str, version: int) -> None:
-        directory = self._model_dir(model)
-        tmp = write_temp(directory, f"{version}\n".encode("ascii"))
-        os.replace(tmp, directory / "CURRENT")
-        fsync_dir(directory)
-
-    def _status(self, model: str, version: int) -> Status | None:
-        path = self._marks_path(model, version)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        status = None
-        lines = text.split("\n")
-        # A crash mid-append leaves a last line without its newline: that mark never happened.
-        for number, line in enumerate(lines[:-1], start=1):
-            try:
-                status = json.loads(line)["status"]
-            except (ValueError, KeyError, TypeError):
-                raise CorruptSnapshot(f"{path} line {number} is not a status mark: {line[:80]!r}") from None
-            if status not in MARK_STATUSES:
-                raise CorruptSnapshot(f"{path} line {number} has unknown status {status!r}")
-        return status
-
-    def _version_numbers(self, model: str) -> list[int]:
-        directory = self._versions_dir(model)
-        if not directory.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _MANIFEST_NAME.match(p.name)))
-
-    def _locked(self, model: str) -> AbstractContextManager[None]:
-        return locked(self._model_dir(model))
-
-    def _model_dir(self, model: str) -> Path:
-        if not isinstance(model, str) or not MODEL_NAME.match(model):
-            raise ValueError(f"model name {model!r} is not a valid namespace (pattern {MODEL_NAME.pattern})")
-        return self.root / model
-
-    def _versions_dir(self, model: str) -> Path:
-        return self._model_dir(model) / "versions"
-
-    def _blob_dir(self, model: str) -> Path:
-        return self._model_dir(model) / "blobs" / "sha256"
-
-    def _blob_path(self, model: str, digest: str) -> Path:
-        return self._blob_dir(model) / digest
-
-    def _manifest_path(self, model: str, version: int) -> Path:
-        return self._versions_dir(model) / f"{int(version)}.json"
-
-    def _marks_path(self, model: str, version: int) -> Path:
-        return self._versions_dir(model) / f"{int(version)}.marks.jsonl"
-
-
-def _remove_temp_files(*directories: Path) -> int:
-    """Delete leftovers of writes interrupted by a crash; the caller holds the lock, so none is live."""
-    freed = 0
-    for directory in directories:
-        for path in directory.glob(f"{TMP_PREFIX}*") if directory.is_dir() else []:
-            freed += path.stat().st_size
-            path.unlink()
-    return freed
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(_READ_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -1,6 +1,6 @@
 """The real writer as ``melo run`` wires it, run inside a benchmark on local services.
 
-``daemon.worker.build_worker`` + the scheduler's jobs, reading a real Kafka-protocol broker (Tansu)
+``daemon.wiring.build_worker`` + the scheduler's jobs, reading a real Kafka-protocol broker (Tansu)
 and writing a real Redis, both started on loopback by ``melo_testkit.services``, with a filesystem
 snapshot store in a temporary directory. bench/perf_daemon.py times the pipeline with it;
 melo_eval/quality_daemon.py replays a quality stream through it.

@@ -119,7 +119,7 @@ def _train_seconds_total(run: str) -> float:
 
 def run_writer(stream: Stream, config: Any, args: argparse.Namespace, backbone: str, services: Services) -> PipelineRun:
     """Produce the stream, run the writer until idle, and check that every event is accounted for."""
-    from daemon.worker import build_worker
+    from daemon.wiring import build_worker
     from melo_testkit.services import create_topics
 
     run = f"eval-{stream.name}"

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+# A generate input row: a prompt, or a chat conversation ending with the user's question.
+Prompt = str | Sequence[dict[str, str]]
 # A question wrapped for a base LM ("Q: ... A:", "Question: ... Answer:") asks the same as its core.
 _QA_WRAPPER = re.compile(r"^\s*(?:q|question)\s*:\s*(?P<core>.*?)\s*(?:a|answer)\s*:\s*$", re.IGNORECASE | re.DOTALL)
 
@@ -73,3 +75,19 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
         return "\n".join([*lines, "assistant:"])
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     return Rendered(text)
+
+
+def chat_inputs(tokenizer: Any, rows: Sequence[Prompt]) -> tuple[list[str], list[str]]:
+    """Model texts (chats rendered) and the question routing reads, per generate row."""
+    if isinstance(rows, str) or not isinstance(rows, Sequence):
+        raise ValueError(f"prompts must be a list of prompts or chat conversations, got {type(rows).__name__}")
+    texts, questions = [], []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            texts.append(row)
+            questions.append(row)
+            continue
+        messages = check_messages(row, f"prompts[{i}]")
+        texts.append(render(tokenizer, messages))
+        questions.append(user_question(messages))
+    return texts, questions

@@ -15,31 +15,34 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from melo_runtime import augment
-from melo_runtime.attach import attach
+from melo_runtime.attach import Attachment, attach
 from melo_runtime.block_lora import BlockFactors
-from melo_runtime.chat import check_messages, render, user_question
+from melo_runtime.chat import Prompt, chat_inputs
 from melo_runtime.config import MeloConfig
 from melo_runtime.edits import BatchResult, Edit, Route, normalize_label
 from melo_runtime.encoding import IGNORE, TeacherForced, TextEncoder, loss_and_hits
 from melo_runtime.families import is_classifier, model_device
-from melo_runtime.routing import CallState, KeysCaptured, use_state
+from melo_runtime.keys import hidden_keys
+from melo_runtime.routing import CallState, use_state
 from melo_runtime.scope import ScopeKeys, infer_subject, load_encoder, normalized_subject
-from melo_runtime.serialization import copy_db, export_files, read_files
+from melo_runtime.serialization import (
+    copy_db,
+    export_files,
+    load_blocks,
+    read_directory,
+    read_files,
+    write_directory,
+)
 from melo_runtime.trainer import train_block
+from melo_runtime.validation import EditRow, EditValidator, teacher_forced_pairs, text_list
 from melo_runtime.vectordb import Hit, VectorDB
 
-# A generate input row: a prompt, or a chat conversation ending with the user's question.
-Prompt = str | Sequence[dict[str, str]]
-
-_KEY_CHUNK = 64  # prompts per key-only forward pass
 # Sampling draws from torch's global generator, which HF generate offers no way to replace: sampled
 # calls run one at a time (greedy ones stay concurrent), and a seeded call works on a forked state
 # restored afterwards, so a seed gives the same text whatever else runs.
@@ -59,21 +62,6 @@ def _sampling(active: bool, seed: int | None) -> Iterator[None]:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One training row: an edit's prompt or one of its rephrases."""
-
-    edit_id: str
-    text: str
-    target: str  # generation target text, or label name
-    label: str  # normalized target: what clusters compare
-    subject: str  # normalized subject ("" = none): part of a scope key
-
-
-class TokenLimitError(ValueError):
-    """An edit whose prompt, rephrase or target exceeds ``MeloConfig.max_length_tokens``."""
 
 
 class MeloEditor:
@@ -111,6 +99,7 @@ class MeloEditor:
         self._label_ids: dict[str, int] = {}
         if config.task == "classify":
             self._label_ids = {normalize_label(str(n)): int(i) for i, n in model.config.id2label.items()}
+        self._validator = EditValidator(config, self._encoder, self._label_ids, scoped=self._scope is not None)
         self._write_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ editing
@@ -216,52 +205,10 @@ class MeloEditor:
             self._db = db
             return True
 
-    def _validate(self, edits: Sequence[Edit]) -> list[_Row]:
-        if isinstance(edits, (str, bytes)) or not isinstance(edits, Sequence):
-            raise ValueError(f"edits must be a sequence of Edit, got {type(edits).__name__}")
-        if not edits:
-            raise ValueError("edits is an empty batch; pass at least one Edit")
-        seen: set[str] = set()
-        applied = self._db.edit_ids()
-        config = self.config
-        for i, edit in enumerate(edits):
-            where = f"edits[{i}]"
-            if not isinstance(edit, Edit):
-                raise ValueError(f"{where} must be an Edit, got {type(edit).__name__}")
-            if not isinstance(edit.edit_id, str) or not edit.edit_id.strip():
-                raise ValueError(f"{where}.edit_id must be a non-empty string, got {edit.edit_id!r}")
-            if edit.edit_id in seen:
-                raise ValueError(f"{where}.edit_id={edit.edit_id!r} appears twice in this batch; edit ids are unique")
-            if edit.edit_id in applied:
-                raise ValueError(f"{where}.edit_id={edit.edit_id!r} is already applied; retract it first to replace it")
-            seen.add(edit.edit_id)
-            self._check_text(edit.prompt, f"{where}.prompt", config.max_prompt_chars)
-            self._check_text(edit.target, f"{where}.target", config.max_target_chars)
-            if not isinstance(edit.rephrases, (tuple, list)):
-                raise ValueError(f"{where}.rephrases must be a tuple of strings, got {type(edit.rephrases).__name__}")
-            if len(edit.rephrases) > config.max_rephrases:
-                raise ValueError(
-                    f"{where}.rephrases has {len(edit.rephrases)} entries; at most max_rephrases={config.max_rephrases}"
-                )
-            for j, rephrase in enumerate(edit.rephrases):
-                self._check_text(rephrase, f"{where}.rephrases[{j}]", config.max_prompt_chars)
-            if edit.subject is not None:
-                self._check_text(edit.subject, f"{where}.subject", config.max_target_chars)
-            label = normalize_label(edit.target)
-            if self._label_ids and label not in self._label_ids:
-                raise ValueError(f"{where}.target={edit.target!r} is not a label of this classifier; known: {sorted(self._label_ids)}")
-            self._check_token_length(edit, where)
-        # The newest edit giving a text wins it: earlier rows with the same text are dropped.
-        last_owner = {text: i for i, edit in enumerate(edits) for text in (edit.prompt, *edit.rephrases)}
-        rows = []
-        for i, edit in enumerate(edits):
-            subject = normalized_subject(edit.subject or infer_subject(edit.prompt)) if self._scope else ""
-            for text in dict.fromkeys((edit.prompt, *edit.rephrases)):
-                if last_owner[text] == i:
-                    rows.append(_Row(edit.edit_id, text, edit.target, normalize_label(edit.target), subject))
-        return rows
+    def _validate(self, edits: Sequence[Edit]) -> list[EditRow]:
+        return self._validator.validate(edits, self._db.edit_ids())
 
-    def _training_rows(self, rows: list[_Row]) -> list[augment.TrainingRow]:
+    def _training_rows(self, rows: list[EditRow]) -> list[augment.TrainingRow]:
         """The indexed rows, then their chat-form and prefixed variants (generation editors)."""
         indexed = [augment.TrainingRow(row.edit_id, row.text, row.target, indexed=True) for row in rows]
         if self._label_ids:
@@ -272,37 +219,12 @@ class MeloEditor:
             )
         return augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
 
-    def _edit_keys(self, rows: list[_Row]) -> np.ndarray:
+    def _edit_keys(self, rows: list[EditRow]) -> np.ndarray:
         """Keys [n, dim] float32 of the rows, as the vector DB indexes them."""
         texts = [row.text for row in rows]
         if self._scope is not None:
             return self._scope.edit_keys(texts, [row.subject for row in rows])
         return self._keys(texts).cpu().numpy()
-
-    @staticmethod
-    def _check_text(text: object, field: str, limit: int) -> None:
-        if not isinstance(text, str):
-            raise ValueError(f"{field} must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError(f"{field} is empty or whitespace; give the text to edit")
-        if len(text) > limit:
-            raise ValueError(f"{field} has {len(text)} characters; the limit is {limit} (MeloConfig)")
-
-    def _check_token_length(self, edit: Edit, where: str) -> None:
-        limit = self.config.max_length_tokens
-        target = 0 if self._label_ids else len(self._encoder.target_ids(edit.target))
-        if target > limit:
-            raise TokenLimitError(f"{where}.target is {target} tokens long; max_length_tokens={limit}")
-        texts = {f"{where}.prompt": edit.prompt}
-        texts.update({f"{where}.rephrases[{j}]": text for j, text in enumerate(edit.rephrases)})
-        for field, text in texts.items():
-            tokens = len(self._encoder.prompt_ids(text))
-            # Decoder-only models see prompt and target in one sequence.
-            total = tokens + (target if self._encoder.causal else 0)
-            if total > limit:
-                raise TokenLimitError(
-                    f"{field} is {tokens} tokens long ({total} with the target); max_length_tokens={limit}"
-                )
 
     # ------------------------------------------------------------------------------------ serving
 
@@ -324,7 +246,7 @@ class MeloEditor:
         ``top_p``), reproducibly when a ``seed`` is given. ``streamer`` (a transformers streamer,
         one row only) receives the tokens as they are generated.
         """
-        texts, questions = self._inputs(prompts)
+        texts, questions = chat_inputs(self.tokenizer, prompts)
         if not texts:
             return []
         if temperature < 0 or not 0 < top_p <= 1:
@@ -332,7 +254,7 @@ class MeloEditor:
         batch = self._encoder.prompts(texts)
         inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        state = self._serving_state(batch.key_mask, questions if questions != texts or self._scope else None)
+        state = self.serving_state(batch.key_mask, questions if questions != texts or self._scope else None)
         with _sampling(temperature > 0, seed), use_state(state), torch.no_grad():
             output = self.model.generate(
                 **inputs,
@@ -350,18 +272,18 @@ class MeloEditor:
         """The predicted label name of each text (classification editors only)."""
         if not self._label_ids:
             raise ValueError(f"classify needs a classify editor; this one is task={self.config.task!r}")
-        texts = self._texts(texts, "texts")
+        texts = text_list(texts, "texts")
         if not texts:
             return []
         batch = self._encoder.prompts(texts)
-        with use_state(self._serving_state(batch.key_mask, texts if self._scope else None)), torch.no_grad():
+        with use_state(self.serving_state(batch.key_mask, texts if self._scope else None)), torch.no_grad():
             logits = self.model(**batch.inputs).logits
         names = self.model.config.id2label
         return [str(names[int(i)]) for i in logits.argmax(-1).tolist()]
 
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
         """Teacher-forced accuracy of each target given its prompt (label: 1.0 or 0.0), routed by prompt."""
-        prompts, data = self._teacher_forced(prompts, targets)
+        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
         with torch.no_grad():
             logits = self._routed_logits(prompts, data)
         _, _, accuracy = loss_and_hits(logits, data.targets)
@@ -371,7 +293,7 @@ class MeloEditor:
         """Per row, exp(mean negative log-likelihood of the target tokens), routed by prompt."""
         if self._label_ids:
             raise ValueError("perplexity needs a generate editor; this one classifies")
-        prompts, data = self._teacher_forced(prompts, targets)
+        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
         with torch.no_grad():
             logits = self._routed_logits(prompts, data).float()
         scored = data.targets != IGNORE
@@ -381,7 +303,7 @@ class MeloEditor:
 
     def route(self, prompts: Sequence[str]) -> list[Route | None]:
         """Per prompt: the block, cluster and centre distance it is routed to, or None (base model)."""
-        prompts = self._texts(prompts, "prompts")
+        prompts = text_list(prompts, "prompts")
         if not prompts:
             return []
         hits = self._hits(prompts)
@@ -391,28 +313,13 @@ class MeloEditor:
         """Keys of ``prompts`` [n, dim] float32 on the CPU, as the vector database would index them
         as edit prompts: the key module's output at each prompt's last real token, or the scope key
         with the subject inferred from the prompt (key_source "scope")."""
-        prompts = self._texts(prompts, "prompts")
+        prompts = text_list(prompts, "prompts")
         if not prompts:
             return torch.zeros((0, self._db.dim))
         if self._scope is not None:
             subjects = [normalized_subject(infer_subject(p)) for p in prompts]
             return torch.from_numpy(self._scope.edit_keys(prompts, subjects))
         return self._keys(prompts).cpu()
-
-    def _teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[list[str], TeacherForced]:
-        prompts = self._texts(prompts, "prompts")
-        targets = self._texts(targets, "targets")
-        if len(prompts) != len(targets):
-            raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}; pass one target per prompt")
-        if not prompts:
-            raise ValueError("prompts is empty; pass at least one prompt")
-        if self._label_ids:
-            unknown = [t for t in targets if normalize_label(t) not in self._label_ids]
-            if unknown:
-                raise ValueError(f"targets {unknown[:3]!r} are not labels of this classifier; known: {sorted(self._label_ids)}")
-            labels: list[str | int] = [self._label_ids[normalize_label(t)] for t in targets]
-            return prompts, self._encoder.teacher_forced(prompts, labels)
-        return prompts, self._encoder.teacher_forced(prompts, list(targets))
 
     def _routed_logits(self, prompts: list[str], data: TeacherForced) -> torch.Tensor:
         """Logits of a teacher-forced batch, each row routed by its prompt alone."""
@@ -429,7 +336,7 @@ class MeloEditor:
 
     # ------------------------------------------------------------------------------------ routing
 
-    def _serving_state(self, key_mask: torch.Tensor, questions: list[str] | None = None) -> CallState:
+    def serving_state(self, key_mask: torch.Tensor, questions: list[str] | None = None) -> CallState:
         """Routing for one serving call: decided up front from ``questions`` when given, else by the
         key hook from the model's own hidden state at the key module (the paper's key)."""
         state = CallState(key_module=self._attachment.key_module, factors=self._factors, attention_mask=key_mask)
@@ -446,21 +353,6 @@ class MeloEditor:
             return db.search(self._keys(texts).cpu().numpy())
         return scope.search(db, texts)
 
-    def _inputs(self, rows: Sequence[Prompt]) -> tuple[list[str], list[str]]:
-        """Model texts (chats rendered) and the question routing reads, per row."""
-        if isinstance(rows, str) or not isinstance(rows, Sequence):
-            raise ValueError(f"prompts must be a list of prompts or chat conversations, got {type(rows).__name__}")
-        texts, questions = [], []
-        for i, row in enumerate(rows):
-            if isinstance(row, str):
-                texts.append(row)
-                questions.append(row)
-                continue
-            messages = check_messages(row, f"prompts[{i}]")
-            texts.append(render(self.tokenizer, messages))
-            questions.append(user_question(messages))
-        return texts, questions
-
     def _router(self, db: VectorDB):
         def route(keys: torch.Tensor) -> torch.Tensor:
             return self._blocks_of(db.search(keys.cpu().numpy())).to(keys.device)
@@ -472,31 +364,7 @@ class MeloEditor:
         return torch.tensor(blocks, dtype=torch.long, device=model_device(self.model))
 
     def _keys(self, texts: list[str]) -> torch.Tensor:
-        """Keys of ``texts`` [n, dim] float32: forward passes that stop at the key module."""
-        chunks = []
-        for start in range(0, len(texts), _KEY_CHUNK):
-            batch = self._encoder.prompts(texts[start : start + _KEY_CHUNK])
-            state = CallState(
-                key_module=self._attachment.key_module, attention_mask=batch.key_mask, capture_only=True
-            )
-            with use_state(state), torch.no_grad():
-                try:
-                    self.model(**batch.inputs)
-                except KeysCaptured:
-                    pass
-            if state.keys is None:
-                raise RuntimeError(f"key module {self._attachment.key_module!r} did not run during the forward pass")
-            chunks.append(state.keys)
-        return torch.cat(chunks)
-
-    @staticmethod
-    def _texts(texts: Sequence[str], field: str) -> list[str]:
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise ValueError(f"{field} must be a list of strings, got {type(texts).__name__}")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"{field}[{i}] must be a string, got {type(text).__name__}")
-        return list(texts)
+        return hidden_keys(self.model, self._encoder, self._attachment.key_module, texts)
 
     # ------------------------------------------------------------------------------------ state
 
@@ -529,16 +397,7 @@ class MeloEditor:
         """Rebuild an editor from :meth:`export_files` output over ``model`` (same base weights)."""
         state = read_files(files)
         editor = cls(model, tokenizer, state.config)
-        for name, (d_in, d_out) in state.layer_shapes.items():
-            layer = editor._factors[name]
-            if (layer.d_in, layer.d_out) != (d_in, d_out):
-                raise ValueError(
-                    f"layer {name!r} is {d_in}->{d_out} in the files but {layer.d_in}->{layer.d_out} in this "
-                    "model; load the files onto the model they were made for"
-                )
-        for block in state.blocks:
-            for name, (a, b) in block.items():
-                editor._factors[name].append(a, b)
+        load_blocks(editor._factors, state)
         if state.db.dim != editor._db.dim:
             raise ValueError(f"keys have dim {state.db.dim} in the files but {editor._db.dim} in this editor")
         editor._db = state.db
@@ -548,17 +407,37 @@ class MeloEditor:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write :meth:`export_files` into ``directory`` (created if missing)."""
-        root = Path(directory)
-        for name, data in self.export_files().items():
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        write_directory(directory, self.export_files())
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model: nn.Module, tokenizer) -> MeloEditor:
         """Read an editor written by :meth:`save`."""
-        root = Path(directory)
-        if not root.is_dir():
-            raise ValueError(f"directory={str(root)!r} does not exist or is not a directory")
-        files = {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
-        return cls.from_files(files, model, tokenizer)
+        return cls.from_files(read_directory(directory), model, tokenizer)
+
+    # ------------------------------------------------------------------------------------ read-only views
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The tokenizer and model plumbing every call encodes its texts with."""
+        return self._encoder
+
+    @property
+    def attachment(self) -> Attachment:
+        """Where the LoRA layers and the key module sit in the model."""
+        return self._attachment
+
+    @property
+    def factors(self) -> dict[str, BlockFactors]:
+        """Per LoRA layer, the trained blocks (append-only; :meth:`apply_batch` adds to them)."""
+        return self._factors
+
+    @property
+    def db(self) -> VectorDB:
+        """The vector database readers see now (a write swaps in a new one)."""
+        return self._db
+
+    def teacher_forced_logits(self, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
+        """Logits of each target given its prompt, each row routed by its prompt (what :meth:`score` reads)."""
+        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
+        with torch.no_grad():
+            return self._routed_logits(prompts, data)

@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from melo_runtime.routing import KeysCaptured, current_state
+from melo_runtime.encoding import TextEncoder
+from melo_runtime.routing import CallState, KeysCaptured, current_state, use_state
+
+_KEY_CHUNK = 64  # prompts per key-only forward pass
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,6 +40,23 @@ def keys_at_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> to
     index = last_token_index(attention_mask.to(hidden.device))
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, index].float()
+
+
+def hidden_keys(model: nn.Module, encoder: TextEncoder, key_module: str, texts: list[str]) -> torch.Tensor:
+    """The paper's keys of ``texts`` [n, dim] float32: forward passes that stop at ``key_module``."""
+    chunks = []
+    for start in range(0, len(texts), _KEY_CHUNK):
+        batch = encoder.prompts(texts[start : start + _KEY_CHUNK])
+        state = CallState(key_module=key_module, attention_mask=batch.key_mask, capture_only=True)
+        with use_state(state), torch.no_grad():
+            try:
+                model(**batch.inputs)
+            except KeysCaptured:
+                pass
+        if state.keys is None:
+            raise RuntimeError(f"key module {key_module!r} did not run during the forward pass")
+        chunks.append(state.keys)
+    return torch.cat(chunks)
 
 
 class KeyHook:

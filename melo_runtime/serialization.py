@@ -22,8 +22,10 @@ the graph is replayed from its base, exactly as the live editor built them (see 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,6 +150,38 @@ def read_files(files: Mapping[str, bytes]) -> EditorState:
             raise ValueError(f"editor files lack {SCOPE_FILE!r}, which key_source='scope' needs")
         scope = _json(files, SCOPE_FILE)
     return EditorState(config=config, layer_shapes=shapes, blocks=blocks, db=db, scope=scope)
+
+
+def load_blocks(factors: Mapping[str, BlockFactors], state: EditorState) -> None:
+    """Append ``state``'s blocks to an editor's empty ``factors``; ValueError when a layer's shape
+    in the files is not the model's (files made for another model)."""
+    for name, (d_in, d_out) in state.layer_shapes.items():
+        layer = factors[name]
+        if (layer.d_in, layer.d_out) != (d_in, d_out):
+            raise ValueError(
+                f"layer {name!r} is {d_in}->{d_out} in the files but {layer.d_in}->{layer.d_out} in this "
+                "model; load the files onto the model they were made for"
+            )
+    for block in state.blocks:
+        for name, (a, b) in block.items():
+            factors[name].append(a, b)
+
+
+def write_directory(directory: str | os.PathLike[str], files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes, names may hold folders) under ``directory``, created if missing."""
+    root = Path(directory)
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def read_directory(directory: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file under ``directory`` by its relative POSIX name (what :func:`write_directory` wrote)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"directory={str(root)!r} does not exist or is not a directory")
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
 def _json_bytes(data: Any) -> bytes:

@@ -34,7 +34,7 @@ TOPIC_ROLES = ("edits", "control", "dlq", "results", "forgotten", "snapshots")
 # Every daemon start would otherwise pay ~5-8 s of torch/transformers imports on this machine; the
 # kill -9 tests start dozens. A fork server imports them once and forks each daemon from there: the
 # daemon is still a separate process with its own PID, killed with a real SIGKILL.
-_PRELOAD = ["torch", "transformers", "melo_runtime", "melo_runtime.backbones", "daemon.cli", "daemon.worker",
+_PRELOAD = ["torch", "transformers", "melo_runtime", "melo_runtime.backbones", "daemon.cli", "daemon.worker", "daemon.wiring",
             "daemon.scheduler", "daemon.source_kafka", "daemon.source_spool", "kafka", "redis"]
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(_PRELOAD)
@@ -311,7 +311,7 @@ def assert_exactly_once_and_verified(deployment: Deployment, expected_ids: set[s
     for version in versions:
         assert store.verify(MODEL, version) == [], f"version {version} does not verify"
     assert store.current(MODEL) == versions[-1]
-    from daemon.worker import build_records
+    from daemon.wiring import build_records
 
     records = build_records(deployment.settings())
     assert records.current_version(MODEL) == versions[-1]

@@ -109,6 +109,11 @@ class VectorDB:
     def exact_search_max_clusters(self, value: int) -> None:
         self._store.index.exact_search_max_clusters = int(value)
 
+    @property
+    def centres(self) -> CentreIndex:
+        """The index search reads: every centre, and the HNSW graph above ``exact_search_max_clusters``."""
+        return self._store.index
+
     # ----------------------------------------------------------------------------------- insert
 
     def insert(
@@ -160,7 +165,7 @@ class VectorDB:
         edit_id: str,
         forgotten: list[tuple[str, int]],
     ) -> str:
-        nearest = self._nearest(key[None, :])[0]
+        nearest = self.nearest(key[None, :])[0]
         if nearest is None:
             self._store.create(key[None, :], label, [block], [row], [edit_id], self.r_init, self.r_init)
             return "add"
@@ -260,7 +265,7 @@ class VectorDB:
         nearest = planned_d.shape[1] - 1 - np.argmin(planned_d[:, ::-1], axis=1)
         best = planned_d[np.arange(len(queries)), nearest]
         key_d = distances(key, queries)
-        existing = self._nearest(queries)
+        existing = self.nearest(queries)
         wins = (best < key_d) & np.array([e is None or b <= e[1] for b, e in zip(best, existing)])
         broken = set()
         for n, i in enumerate(sorted(owner)):
@@ -349,7 +354,7 @@ class VectorDB:
         """Route each query row: the hit in its nearest cluster if inside the radius, else None."""
         queries = check_keys(queries, "queries", self.dim)
         hits: list[Hit | None] = []
-        for cid_d, q in zip(self._nearest(queries), queries):
+        for cid_d, q in zip(self.nearest(queries), queries):
             if cid_d is None:
                 hits.append(None)
                 continue
@@ -364,8 +369,7 @@ class VectorDB:
             hits.append(Hit(cluster_id=cid, block=c.blocks[m], edit_id=c.edit_ids[m], distance=d))
         return hits
 
-
-    def _nearest(self, queries: np.ndarray) -> list[tuple[int, float] | None]:
+    def nearest(self, queries: np.ndarray) -> list[tuple[int, float] | None]:
         """Nearest live cluster and its exact distance per query row (None: no clusters)."""
         return self._store.nearest(queries)
 

@@ -17,7 +17,7 @@ import uvicorn
 
 from daemon.server import build_app
 from daemon.settings import Settings
-from daemon.worker import build_worker
+from daemon.wiring import build_worker
 from melo_testkit.services import free_port, wait_until
 
 MODEL = "tiny-gpt2"

@@ -171,7 +171,7 @@ def test_a_training_block_shows_a_live_progress_line(tmp_path):
 
     from tqdm import tqdm
 
-    from daemon.worker import build_worker
+    from daemon.wiring import build_worker
 
     settings = Settings.load(write_config(tmp_path / "melo"))
     screen = io.StringIO()

@@ -19,7 +19,8 @@ from daemon import metrics
 from daemon.cli import main as melo
 from daemon.control_ops import control_sender
 from daemon.settings import Settings
-from daemon.worker import Worker, build_worker
+from daemon.wiring import build_worker
+from daemon.worker import Worker
 from schemas.events import ControlEvent
 from melo_testkit.daemon_harness import MODEL, Deployment, zsre_events
 

@@ -16,7 +16,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from daemon import metrics
-from daemon.worker import build_worker
+from daemon.wiring import build_worker
 from melo_testkit.daemon_harness import MODEL, Deployment
 
 

@@ -24,7 +24,7 @@ from daemon.monitor import monitor_for_worker
 from daemon.server import create_app
 from daemon.serving_state import CurrentFollower, ServingState, VersionHistory
 from daemon.settings import MonitorSettings, Settings
-from daemon.worker import build_worker
+from daemon.wiring import build_worker
 from melo_runtime import MeloEditor
 from melo_runtime.backbones import load_backbone
 from schemas.events import EditEvent, LocalityProbe

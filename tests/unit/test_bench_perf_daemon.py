@@ -16,7 +16,7 @@ from melo_runtime.backbones import load_backbone
 def noop_factory() -> NoOpEditors:
     model, tokenizer = load_backbone("tiny-gpt2")
     real = SimpleNamespace(model=model, task="generate", device="cpu", base_model={"id": "tiny-gpt2"})
-    return NoOpEditors(real)  # reads only these attributes of daemon.worker.BackboneEditors
+    return NoOpEditors(real)  # reads only these attributes of daemon.wiring.BackboneEditors
 
 
 def test_noop_control_round_trips_its_edits_through_its_files(noop_factory):

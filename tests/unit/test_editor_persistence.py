@@ -20,12 +20,6 @@ def _edited(make_editor, family="gpt2", **overrides):
     return editor
 
 
-def _teacher_forced_logits(editor, prompts, targets):
-    prompts, data = editor._teacher_forced(prompts, targets)
-    with torch.no_grad():
-        return editor._routed_logits(prompts, data)
-
-
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_a_saved_and_loaded_editor_gives_bit_identical_outputs(make_editor, tmp_path, family):
     editor = _edited(make_editor, family)
@@ -33,7 +27,7 @@ def test_a_saved_and_loaded_editor_gives_bit_identical_outputs(make_editor, tmp_
     model, tokenizer = tiny_model(family)
     loaded = MeloEditor.load(tmp_path, model, tokenizer)
     targets = [" Lyon", " Marlowe", " x"]
-    assert torch.equal(_teacher_forced_logits(loaded, PROMPTS, targets), _teacher_forced_logits(editor, PROMPTS, targets))
+    assert torch.equal(loaded.teacher_forced_logits(PROMPTS, targets), editor.teacher_forced_logits(PROMPTS, targets))
     assert loaded.generate(PROMPTS, max_new_tokens=8) == editor.generate(PROMPTS, max_new_tokens=8)
     assert loaded.route(PROMPTS) == editor.route(PROMPTS)
     assert loaded.stats() == editor.stats() and loaded.edit_ids() == editor.edit_ids()
@@ -133,7 +127,7 @@ def test_retract_makes_the_edit_fall_back_to_the_base_output(make_editor):
     assert editor.retract("a") is False and editor.retract("never-applied") is False
     assert editor.route([FACTS[0][0]]) == [None]
     assert torch.equal(
-        _teacher_forced_logits(editor, [FACTS[0][0]], [" Lyon"]), _teacher_forced_logits(base, [FACTS[0][0]], [" Lyon"])
+        editor.teacher_forced_logits([FACTS[0][0]], [" Lyon"]), base.teacher_forced_logits([FACTS[0][0]], [" Lyon"])
     )
     assert editor.generate([FACTS[1][0]], max_new_tokens=8) == [" Marlowe"]  # the other edit stays
     assert editor.edit_ids() == {"b"} and editor.stats()["retracted_total"] == 1

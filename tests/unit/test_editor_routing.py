@@ -24,11 +24,11 @@ UNRELATED = ["Unrelated text here", "zebra quantum 42"]
 
 def _logits(editor, prompts):
     """Routed logits of a plain forward over ``prompts`` (the first decoding step for LMs)."""
-    batch = editor._encoder.prompts(prompts)
+    batch = editor.encoder.prompts(prompts)
     inputs = dict(batch.inputs)
-    if editor._encoder.encoder_decoder:
+    if editor.encoder.encoder_decoder:
         inputs["decoder_input_ids"] = torch.zeros(len(prompts), 1, dtype=torch.long)
-    with use_state(editor._serving_state(batch.key_mask)), torch.no_grad():
+    with use_state(editor.serving_state(batch.key_mask)), torch.no_grad():
         return editor.model(**inputs).logits
 
 
@@ -64,7 +64,7 @@ def test_out_of_scope_logits_are_bit_identical_to_the_unedited_model(make_editor
     editor.apply_batch([Edit("a", FACTS[0][0], target)])
     assert editor.route(UNRELATED) == [None, None]
     edited = _logits(editor, UNRELATED + [FACTS[0][0]])
-    base = _base_logits(family, UNRELATED + [FACTS[0][0]], editor._encoder)
+    base = _base_logits(family, UNRELATED + [FACTS[0][0]], editor.encoder)
     assert torch.equal(edited[:2], base[:2])
     assert not torch.equal(edited[2], base[2])  # the edited prompt does change
 
@@ -91,10 +91,10 @@ def test_generation_routes_once_from_the_prompt_and_keeps_the_block_for_every_to
     editor = make_editor(family, key_source="hidden")
     editor.apply_batch([Edit("a", *FACTS[0])])
     searches = []
-    real_search = editor._db.search
-    editor._db.search = lambda queries: searches.append(len(queries)) or real_search(queries)
+    real_search = editor.db.search
+    editor.db.search = lambda queries: searches.append(len(queries)) or real_search(queries)
     seen_blocks = []
-    layer = list(editor._attachment.layers.values())[-1]  # T5: a decoder layer, run at every step
+    layer = list(editor.attachment.layers.values())[-1]  # T5: a decoder layer, run at every step
     handle = layer.register_forward_pre_hook(lambda module, args: seen_blocks.append(current_state().blocks.tolist()))
     try:
         editor.generate([FACTS[0][0], UNRELATED[0]], max_new_tokens=5)

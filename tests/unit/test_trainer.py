@@ -15,17 +15,17 @@ TARGETS = [" Lyon", " Marlowe"]
 def _train(editor, *, cache_prefix: bool, iterations: int = 8):
     config = dataclasses.replace(editor.config, iterations=iterations, early_stop=False)
     if editor.config.task == "classify":
-        data = editor._encoder.teacher_forced(PROMPTS, [1, 0])
+        data = editor.encoder.teacher_forced(PROMPTS, [1, 0])
     else:
-        data = editor._encoder.teacher_forced(PROMPTS, TARGETS)
+        data = editor.encoder.teacher_forced(PROMPTS, TARGETS)
     return train_block(
         editor.model,
         data,
-        editor._factors,
+        editor.factors,
         editor.blocks,
         config,
-        key_module=editor._attachment.key_module,
-        prefix_layers=editor._attachment.prefix_layers,
+        key_module=editor.attachment.key_module,
+        prefix_layers=editor.attachment.prefix_layers,
         cache_prefix=cache_prefix,
     )
 
@@ -33,7 +33,7 @@ def _train(editor, *, cache_prefix: bool, iterations: int = 8):
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
 def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputation(make_editor, family):
     editor = make_editor(family, learnable=True)
-    assert editor._attachment.prefix_layers  # the preset leaves frozen layers below the LoRA layers
+    assert editor.attachment.prefix_layers  # the preset leaves frozen layers below the LoRA layers
     cached = _train(editor, cache_prefix=True)
     full = _train(editor, cache_prefix=False)
     assert len(cached.losses) == len(full.losses) == 9
@@ -47,7 +47,7 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
 
 def test_replayed_layers_skip_their_computation(make_editor):
     editor = make_editor("llama")
-    attention = editor._attachment.prefix_layers[0].self_attn
+    attention = editor.attachment.prefix_layers[0].self_attn
     runs = []
     handle = attention.register_forward_hook(lambda module, args, output: runs.append(1))
     try:
@@ -88,7 +88,7 @@ def test_an_edit_not_learned_keeps_no_key_and_no_block(make_editor):
 
 def test_learned_rows_leave_the_batch_and_every_row_is_learned_at_the_end(make_editor):
     editor = make_editor("llama", learnable=True)
-    layer = next(iter(editor._attachment.layers.values()))
+    layer = next(iter(editor.attachment.layers.values()))
     rows_seen = []
     handle = layer.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
     try:
