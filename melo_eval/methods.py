@@ -54,6 +54,7 @@ class MeloMethod:
             "iterations": result.iterations_run,
             "final_loss": result.final_loss,
             "learned": sum(result.learned.values()) / max(1, len(result.learned)),
+            "not_learned": len(result.not_learned),
         }
 
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
