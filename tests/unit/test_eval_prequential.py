@@ -86,3 +86,17 @@ def test_schedule_rejects_a_pool_from_another_stream():
     other = _stream(n_edits=4)
     with pytest.raises(ValueError, match="pool"):
         prequential.schedule(other.pool, [stream.cases])
+
+
+class ForgetfulRule(TopicRule):
+    """Learns nothing and says so: every edit of a batch is reported not learned."""
+
+    def apply_batch(self, cases: Sequence[EditCase]) -> dict[str, float]:
+        return {"final_loss": 1.0, "not_learned": len(cases)}
+
+
+def test_replay_counts_not_learned_edits_and_preq_stays_at_the_base():
+    stream = _stream()
+    rows = quality.replay(ForgetfulRule(), stream, quality.Evaluator(stream, None, generation=False), batch_size=2, every=4)
+    assert [r["not_learned"] for r in rows[1:]] == [4, 5]
+    assert rows[-1]["preq_acc"] == rows[-1]["preq_base"] == 3 / 8 and rows[-1]["es"] == 0.0
