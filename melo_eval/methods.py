@@ -74,6 +74,10 @@ class MeloMethod:
         """Predicted labels, routed per row."""
         return self.editor.classify(list(texts))
 
+    def routed(self, texts: Sequence[str]) -> list[bool]:
+        """Per text: whether it is routed to an edit's block (else the base model answers it)."""
+        return [route is not None for route in self.editor.route(list(texts))]
+
     def perplexity(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
         """Target perplexity, routed per row."""
         return self.editor.perplexity(list(prompts), list(targets))

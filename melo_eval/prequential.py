@@ -14,15 +14,18 @@ Reported per evaluation row, cumulative over the items scored so far:
 * ``preq_acc_edited``: accuracy on the items about to be edited (the base gets all of them wrong:
   above 0 only where earlier edits carry over to later cases of the new period);
 * ``preq_acc_kept``: accuracy on the items the base gets right (the base: 1.0; below 1 where
-  earlier edits break later correct answers).
+  earlier edits break later correct answers);
+* ``preq_routed`` (methods that route, i.e. MELO): the fraction of them routed to an earlier edit's
+  block at all, which tells "no earlier edit reached it" from "an edit reached it with another label".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from melo_eval.datasets import EditCase, PoolItem
+from melo_eval.methods import EditMethod
 
 
 def schedule(pool: Sequence[PoolItem], batches: Sequence[Sequence[EditCase]]) -> list[list[PoolItem]]:
@@ -58,11 +61,15 @@ class Tally:
     base_correct: int = 0
     n_edited: int = 0
     correct_edited: int = 0
+    routed: int | None = None  # None: the method does not say where it routes
 
-    def add(self, items: Sequence[PoolItem], predictions: Sequence[str]) -> None:
-        """Count ``items`` with the current model's ``predictions`` for them."""
-        if len(items) != len(predictions):
+    def add(self, items: Sequence[PoolItem], predictions: Sequence[str], routed: Sequence[bool] | None = None) -> None:
+        """Count ``items`` with the current model's ``predictions`` for them (and whether each was
+        routed to an edit, when the method says)."""
+        if len(items) != len(predictions) or (routed is not None and len(routed) != len(items)):
             raise ValueError(f"{len(predictions)} predictions for {len(items)} pool items")
+        if routed is not None:
+            self.routed = (self.routed or 0) + sum(routed)
         for item, predicted in zip(items, predictions):
             right = predicted == item.probe.target
             self.n += 1
@@ -81,10 +88,14 @@ class Tally:
             "preq_base": self.base_correct / self.n if self.n else None,
             "preq_acc_edited": self.correct_edited / self.n_edited if self.n_edited else None,
             "preq_acc_kept": (self.correct - self.correct_edited) / kept if kept else None,
+            "preq_routed": self.routed / self.n if self.n and self.routed is not None else None,
         }
 
 
-def score_before(classify: Callable[[list[str]], list[str]], items: Sequence[PoolItem], tally: Tally) -> None:
-    """Score ``items`` with ``classify`` (the model as it stands now) into ``tally``."""
-    if items:
-        tally.add(items, classify([item.probe.prompt for item in items]))
+def score_before(method: EditMethod, items: Sequence[PoolItem], tally: Tally) -> None:
+    """Score ``items`` with ``method`` as it stands now into ``tally``."""
+    if not items:
+        return
+    texts = [item.probe.prompt for item in items]
+    routed = method.routed(texts) if hasattr(method, "routed") else None
+    tally.add(items, method.classify(texts), routed)

@@ -269,7 +269,7 @@ def replay(method: EditMethod, stream: Stream, evaluator: Evaluator, batch_size:
     progress = tqdm(batches, desc=f"{method.name} on {stream.name}", unit="batch")
     for index, batch in enumerate(progress):
         if preq_items:
-            prequential.score_before(method.classify, preq_items[index], tally)
+            prequential.score_before(method, preq_items[index], tally)
         started = time.perf_counter()
         info = method.apply_batch(batch)
         train_seconds += time.perf_counter() - started
@@ -294,7 +294,7 @@ def replay(method: EditMethod, stream: Stream, evaluator: Evaluator, batch_size:
 # -- reporting -----------------------------------------------------------------------------------
 
 COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "chat_gen", "loc_tf", "loc_em", "chat_loc", "es", "loc", "dev_acc",
-           "preq_n", "preq_acc", "preq_base", "preq_acc_edited", "preq_acc_kept", "es_ppl", "err_ppl", "arr_ppl",
+           "preq_n", "preq_acc", "preq_base", "preq_acc_edited", "preq_acc_kept", "preq_routed", "es_ppl", "err_ppl", "arr_ppl",
            "loc_ppl", "clusters", "conflicts", "forgotten", "not_learned", "train_seconds")
 
 

@@ -29,6 +29,9 @@ class TopicRule:
         self.calls.append(list(texts))
         return [self.rules.get(text.split()[0], "old") for text in texts]
 
+    def routed(self, texts: Sequence[str]) -> list[bool]:
+        return [text.split()[0] in self.rules for text in texts]
+
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
         return [float(p == t) for p, t in zip(self.classify(prompts), targets)]
 
@@ -74,10 +77,12 @@ def test_replay_reports_prequential_accuracy_against_the_unedited_classifier():
     # After 2 batches: a1 x, b1 v, a2 x | a3 v, b2 v, c1 x -> 3/6; base: b1, b2 -> 2/6.
     assert (rows[1]["preq_n"], rows[1]["preq_acc"], rows[1]["preq_base"]) == (6, 3 / 6, 2 / 6)
     assert (rows[1]["preq_acc_edited"], rows[1]["preq_acc_kept"]) == (1 / 4, 2 / 2)
+    assert rows[1]["preq_routed"] == 1 / 6  # only a3 met a rule (a) when it was scored
     # The last batch adds a4 x (rule a broke it) and c2 v: 4/8; base b1, b2, a4 -> 3/8; kept 2/3, edited 2/5.
     last = rows[2]
     assert (last["preq_n"], last["preq_acc"], last["preq_base"]) == (8, 4 / 8, 3 / 8)
     assert (last["preq_acc_edited"], last["preq_acc_kept"]) == (2 / 5, 2 / 3)
+    assert last["preq_routed"] == 3 / 8  # a3, a4, c2
     assert last["es"] == 1.0 and last["loc"] == 1.0
 
 
@@ -100,3 +105,25 @@ def test_replay_counts_not_learned_edits_and_preq_stays_at_the_base():
     rows = quality.replay(ForgetfulRule(), stream, quality.Evaluator(stream, None, generation=False), batch_size=2, every=4)
     assert [r["not_learned"] for r in rows[1:]] == [4, 5]
     assert rows[-1]["preq_acc"] == rows[-1]["preq_base"] == 3 / 8 and rows[-1]["es"] == 0.0
+
+
+def test_a_real_editor_is_scored_before_each_batch_it_learns():
+    from melo_eval.methods import MeloMethod
+    from melo_runtime.presets import preset_for
+    from melo_runtime.tiny import tiny_model
+
+    model, tokenizer = tiny_model("bert", labels=["negative", "positive"])
+    method = MeloMethod("melo", model, tokenizer, preset_for(model, "classify"))
+    texts = ["The plot is thin", "A fine film", "Dull and long", "Loved every minute", "Mild weather", "Zero stars"]
+    base = method.classify(texts)
+    flip = {"negative": "positive", "positive": "negative"}
+    edited = [True, False, True, True, False, True]
+    pool = [(f"r{i}", Probe(t, flip[b] if e else b)) for i, (t, b, e) in enumerate(zip(texts, base, edited))]
+    data = LabelShiftData("scotus", ["negative", "positive"], [], [Probe("Something else", "negative")], pool)
+    stream = label_shift_stream(data, method.classify, n_edits=4, n_locality=1)
+    rows = quality.replay(method, stream, quality.Evaluator(stream, tokenizer, generation=False), batch_size=2, every=2)
+    first, last = rows[1], rows[2]
+    # The first batch's items (r0, r1, r2) are scored by the unedited editor: only r1 is right.
+    assert (first["preq_n"], first["preq_acc"], first["preq_base"], first["preq_routed"]) == (3, 1 / 3, 1 / 3, 0.0)
+    assert last["preq_n"] == 6 and last["preq_base"] == 2 / 6
+    assert last["es"] == 1.0 and last["not_learned"] == 0
