@@ -49,6 +49,20 @@ class EditCase:
     subject: str | None = None  # the entity the fact is about, as the dataset names it
 
 
+@dataclass(frozen=True)
+class PoolItem:
+    """One label-shift edit-pool item the stream scanned, with the unedited classifier's answer."""
+
+    record_id: str
+    probe: Probe
+    base_prediction: str
+
+    @property
+    def edited(self) -> bool:
+        """The base classifier gets it wrong, so the stream edits it (GRACE's protocol)."""
+        return self.base_prediction != self.probe.target
+
+
 @dataclass
 class Stream:
     """An ordered edit stream and the probe sets evaluated alongside it."""
@@ -61,6 +75,9 @@ class Stream:
     retention: list[Probe] = field(default_factory=list)  # e.g. hallucination "accurates" (ARR)
     reserved: bool = False  # built from a reserved file: final numbers only
     source: str = ""  # files it was read from, for the report
+    # Label shift only: every edit-pool item up to the last edit, in date order (the edited ones and
+    # those the base classifier already gets right), for prequential accuracy (melo_eval/prequential.py).
+    pool: list[PoolItem] = field(default_factory=list)
 
 
 def qa_prompt(question: str) -> str:
@@ -317,23 +334,31 @@ def label_shift_stream(
     """Edits = edit-pool items the base classifier gets wrong, in date order (GRACE's protocol).
 
     ``predict`` is the *base* classifier; the pool is scanned in chronological chunks until
-    ``n_edits`` misclassified items are found. Locality = the first ``n_locality`` dev items, whose
+    ``n_edits`` misclassified items are found. Every scanned item up to the last edit is kept with
+    its base prediction (``Stream.pool``). Locality = the first ``n_locality`` dev items, whose
     base predictions must not change.
     """
     wanted = n_edits if n_edits is not None else len(data.edit_pool)
-    cases: list[EditCase] = []
+    pool: list[PoolItem] = []
+    edits = 0
     for start in range(0, len(data.edit_pool), scan_batch):
         chunk = data.edit_pool[start : start + scan_batch]
         predictions = predict([probe.prompt for _, probe in chunk])
         for (record_id, probe), predicted in zip(chunk, predictions):
-            if predicted != probe.target and len(cases) < wanted:
-                cases.append(EditCase(record_id, probe.prompt, probe.target))
-        if len(cases) >= wanted:
+            item = PoolItem(record_id, probe, predicted)
+            pool.append(item)
+            edits += item.edited
+            if edits == wanted:
+                break
+        if edits >= wanted:
             break
-    if n_edits is not None and len(cases) < n_edits:
+    if n_edits is not None and edits < n_edits:
         raise ValueError(
-            f"only {len(cases)} misclassified items in the {data.name} edit pool; lower --n-edits to {len(cases)}"
+            f"only {edits} misclassified items in the {data.name} edit pool; lower --n-edits to {edits}"
         )
+    while pool and not pool[-1].edited:  # the span ends at the last edit
+        pool.pop()
+    cases = [EditCase(item.record_id, item.probe.prompt, item.probe.target) for item in pool if item.edited]
     return Stream(
         name=f"label-shift-{data.name}",
         task="classify",
@@ -341,5 +366,6 @@ def label_shift_stream(
         locality=data.dev[:n_locality],
         labels=data.labels,
         source=f"label-shift/{LABEL_SHIFT_DIRS[data.name]}",
+        pool=pool,
     )
 

@@ -54,6 +54,7 @@ class MeloMethod:
             "iterations": result.iterations_run,
             "final_loss": result.final_loss,
             "learned": sum(result.learned.values()) / max(1, len(result.learned)),
+            "not_learned": len(result.not_learned),
         }
 
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
@@ -72,6 +73,10 @@ class MeloMethod:
     def classify(self, texts: Sequence[str]) -> list[str]:
         """Predicted labels, routed per row."""
         return self.editor.classify(list(texts))
+
+    def routed(self, texts: Sequence[str]) -> list[bool]:
+        """Per text: whether it is routed to an edit's block (else the base model answers it)."""
+        return [route is not None for route in self.editor.route(list(texts))]
 
     def perplexity(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
         """Target perplexity, routed per row."""

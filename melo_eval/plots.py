@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
-ACCURACY = ("es_tf", "es_em", "gen_tf", "gen_em", "loc_tf", "loc_em", "es", "loc", "dev_acc")
+ACCURACY = ("es_tf", "es_em", "gen_tf", "gen_em", "loc_tf", "loc_em", "es", "loc", "dev_acc", "preq_acc", "preq_base")
 COUNTERS = ("clusters", "conflicts", "forgotten")
 PERPLEXITY = ("es_ppl", "err_ppl", "arr_ppl")
 

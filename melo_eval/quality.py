@@ -15,8 +15,11 @@ After every ``--every`` edits (and after the last) the harness reports, for the 
   end in EOS and a truncated continuation does not) and capped at 1: 1.0 = every token unchanged.
   ``loc_em`` is the fraction of greedy continuations that are identical to the base model's;
 * ``clusters``, ``conflicts``, ``forgotten``: the editor's counters (MELO Figure 3 analogues);
+* ``not_learned`` (melo methods): edits the trainer could not learn within its budget, which keep
+  no key (the base model answers them);
 * classification streams: ``es`` = accuracy on the edits so far, ``loc`` = fraction of dev
-  predictions unchanged, ``dev_acc`` = dev accuracy;
+  predictions unchanged, ``dev_acc`` = dev accuracy, and prequential accuracy ``preq_*``: each next
+  edit-pool case scored before it is edited, beside the unedited classifier (melo_eval/prequential.py);
 * the hallucination stream: perplexities (``es_ppl`` of the batch just edited, ``err_ppl`` of all
   edits so far, ``arr_ppl`` of the accurate sentences), as GRACE and MELO report, and ``loc_ppl``
   of unedited Wikipedia text (stand-in for GRACE's OpenWebText; melo_eval.datasets.hallucination_stream).
@@ -39,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from melo_eval import datasets
+from melo_eval import datasets, prequential
 from melo_eval.datasets import EditCase, Stream
 from melo_eval.methods import EditMethod
 from melo_eval.tables import markdown_table
@@ -251,22 +254,35 @@ class Evaluator:
 
 
 def replay(method: EditMethod, stream: Stream, evaluator: Evaluator, batch_size: int, every: int) -> list[dict]:
-    """Apply the stream batch by batch, evaluating at 0, every ``every`` edits, and at the end."""
+    """Apply the stream batch by batch, evaluating at 0, every ``every`` edits, and at the end.
+
+    A label-shift stream's pool items are scored before the batch that edits them (or the next one)
+    is applied: the ``preq_*`` columns (melo_eval/prequential.py).
+    """
     evaluator.record_base(method)
     rows = [{**evaluator.evaluate(method, [], []), "train_seconds": 0.0}]
     applied: list[EditCase] = []
-    train_seconds, next_eval = 0.0, every
+    train_seconds, next_eval, not_learned = 0.0, every, 0
     batches = [stream.cases[i : i + batch_size] for i in range(0, len(stream.cases), batch_size)]
+    preq_items = prequential.schedule(stream.pool, batches) if stream.pool else []
+    tally = prequential.Tally()
     progress = tqdm(batches, desc=f"{method.name} on {stream.name}", unit="batch")
-    for batch in progress:
+    for index, batch in enumerate(progress):
+        if preq_items:
+            prequential.score_before(method, preq_items[index], tally)
         started = time.perf_counter()
         info = method.apply_batch(batch)
         train_seconds += time.perf_counter() - started
+        not_learned += int(info.get("not_learned", 0))
         applied.extend(batch)
         progress.set_postfix(loss=f"{info.get('final_loss', float('nan')):.3f}", edits=len(applied))
         if len(applied) >= next_eval or len(applied) == len(stream.cases):
             started = time.perf_counter()
             row = evaluator.evaluate(method, applied, batch)
+            if preq_items:
+                row.update(tally.row())
+            if "not_learned" in info:
+                row["not_learned"] = not_learned
             row.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - started)
             rows.append(row)
             tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
@@ -278,7 +294,8 @@ def replay(method: EditMethod, stream: Stream, evaluator: Evaluator, batch_size:
 # -- reporting -----------------------------------------------------------------------------------
 
 COLUMNS = ("n_edits", "es_tf", "es_em", "gen_tf", "gen_em", "chat_gen", "loc_tf", "loc_em", "chat_loc", "es", "loc", "dev_acc",
-           "es_ppl", "err_ppl", "arr_ppl", "loc_ppl", "clusters", "conflicts", "forgotten", "train_seconds")
+           "preq_n", "preq_acc", "preq_base", "preq_acc_edited", "preq_acc_kept", "preq_routed", "es_ppl", "err_ppl", "arr_ppl",
+           "loc_ppl", "clusters", "conflicts", "forgotten", "not_learned", "train_seconds")
 
 
 def quality_table(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:

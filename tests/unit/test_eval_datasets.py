@@ -68,6 +68,16 @@ def test_label_shift_stream_keeps_only_misclassified_items_in_date_order():
     assert stream.task == "classify" and stream.labels[0] == "Criminal Procedure"
 
 
+def test_label_shift_stream_carries_every_scanned_pool_item_up_to_the_last_edit():
+    data = datasets.read_label_shift("scotus")
+    stream = datasets.label_shift_stream(data, lambda texts: ["Criminal Procedure"] * len(texts), n_edits=20)
+    assert [item.record_id for item in stream.pool] == [record_id for record_id, _ in data.edit_pool[: len(stream.pool)]]
+    assert stream.pool[-1].record_id == stream.cases[-1].edit_id
+    assert [item.record_id for item in stream.pool if item.edited] == [c.edit_id for c in stream.cases]
+    kept = [item for item in stream.pool if not item.edited]
+    assert kept and all(item.probe.target == "Criminal Procedure" for item in kept)
+
+
 def test_label_shift_rejects_an_unknown_dataset_name():
     with pytest.raises(ValueError, match="scotus"):
         datasets.read_label_shift("imdb")
