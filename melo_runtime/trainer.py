@@ -6,9 +6,11 @@ MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes
 - **Capacity follows the batch.** At most ``edits_per_block`` edits share one block, so a batch of n
   edits trains ceil(n / edits_per_block) blocks at once, in one batched forward where every row
   gathers its own block (the parameters per edit stay those of the preset, whatever the batch size).
-- **Per-row early exit.** A row whose teacher-forced argmax reproduces its target leaves the batch;
-  when none is left, every row is checked again and any that slipped back rejoins.
-- **Iterations extend while the loss still falls**, up to ``max_iterations``.
+- **Per-row early exit.** A row whose teacher-forced argmax reproduces its target leaves the batch,
+  and a block none of whose rows still trains stops moving (its Adam momentum is zeroed); when no
+  row is left, every row is checked again and any that slipped back rejoins.
+- **Iterations extend while the rows still improve** (more target tokens right, a lower loss or a
+  smaller margin gap to the best wrong token), up to ``max_iterations``.
 - **Retry blocks.** Edits still not learned are trained again from scratch, each in a fresh block
   of its own (a new optimizer; a schedule that decays more slowly each round), up to
   ``retry_rounds`` times, within the same batch.
@@ -38,7 +40,8 @@ from melo_runtime.encoding import IGNORE, TeacherForced
 from melo_runtime.routing import CallState, PrefixCache, use_state
 
 # Past ``iterations``, a fresh window of ``lr_step`` iterations is granted only if the rows still
-# training got more target tokens right, or their loss fell by at least this fraction, in the last one.
+# training got more target tokens right, or their loss or their margin gap fell by at least this
+# fraction, in the last one.
 _MIN_WINDOW_GAIN = 0.01
 
 Block = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A [p, d_in], B [d_out, p])
@@ -162,10 +165,10 @@ def _fit(
     block_of = torch.tensor([assignment[row] for row in rows], dtype=torch.long)
     active = torch.arange(len(rows))  # positions in ``rows`` still training
     limit = max(config.max_iterations, config.iterations) if config.early_stop else config.iterations
-    window: tuple[float, int] | None = None  # (loss, right tokens) of the active rows when the window began
+    window: _Progress | None = None  # the active rows' progress when the window began
     iterations = 0
     while True:
-        row_loss, hits, right = step.forward(everyone[active], block_of[active], trained)
+        row_loss, hits, right, gap = step.forward(everyone[active], block_of[active], trained)
         result.losses.append(float(row_loss.detach().mean()))
         if config.early_stop and bool(hits.all()):
             if active.numel() == len(rows):
@@ -177,7 +180,7 @@ def _fit(
                 break
             window = None  # other rows now: restart the progress window
             continue
-        now = (float(row_loss.detach().mean()), int(right.sum()))
+        now = _Progress(float(row_loss.detach().mean()), int(right.sum()), float(gap.sum()))
         if iterations >= limit:
             break
         if iterations % config.lr_step == 0:
@@ -188,6 +191,7 @@ def _fit(
         loss = row_loss[keep].sum() / keep.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _hold_still(optimizer, block_of[active[keep]], int(block_of.max()) + 1)
         optimizer.step()
         if iterations < config.iterations:
             schedule.step()  # the official schedule; extension steps keep its last learning rate
@@ -198,22 +202,52 @@ def _fit(
     result.iterations += iterations
     if active.numel() != len(rows):  # the last forward saw only some rows: check them all
         with torch.no_grad():
-            row_loss, hits, _ = step.forward(everyone, block_of, trained)
+            row_loss, hits, _, _ = step.forward(everyone, block_of, trained)
     learned = {row: bool(hit) for row, hit in zip(rows, hits.tolist(), strict=True)}
     losses = {row: float(value) for row, value in zip(rows, row_loss.tolist(), strict=True)}
     return learned, losses
 
 
-def _progressed(start: tuple[float, int], now: tuple[float, int]) -> bool:
-    """Whether the rows still training got better over a window: more target tokens right, or a
-    loss at least ``_MIN_WINDOW_GAIN`` lower."""
-    return now[1] > start[1] or now[0] < (1 - _MIN_WINDOW_GAIN) * start[0]
+def _hold_still(optimizer: torch.optim.Adam, training: torch.Tensor, count: int) -> None:
+    """Zero Adam's momentum of every block none of whose rows is still training, so that the next
+    step leaves it where it is: without this a block whose rows were all learned keeps drifting
+    along its momentum for a dozen steps and can unlearn them while nobody looks."""
+    idle = torch.ones(count, dtype=torch.bool)
+    idle[training] = False
+    if not bool(idle.any()):
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter)
+            if state and "exp_avg" in state:
+                state["exp_avg"][idle.to(parameter.device)] = 0
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """How far the rows still training are from their targets."""
+
+    loss: float  # mean row loss
+    right: int  # target tokens predicted right
+    gap: float  # sum over wrong target tokens of (best other logit - target logit)
+
+
+def _progressed(start: _Progress, now: _Progress) -> bool:
+    """Whether the rows still training got better over a window: more target tokens right, or a loss
+    or a margin gap at least ``_MIN_WINDOW_GAIN`` lower.
+
+    The gap is the scale-free measure: where the logits are capped (a tiny random model's final norm
+    and 0.02-scale output weights keep them within about +-1), the loss sits near log(vocabulary)
+    and moves by less than 1% while the wrong tokens still close in on their targets.
+    """
+    gain = 1 - _MIN_WINDOW_GAIN
+    return now.right > start.right or now.loss < gain * start.loss or now.gap < gain * start.gap
 
 
 def _recheck(step: _Stepper, everyone: torch.Tensor, block_of: torch.Tensor, trained) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and "learned" of every row again: rows that left the batch can slip back."""
     with torch.no_grad():
-        row_loss, hits, _ = step.forward(everyone, block_of, trained)
+        row_loss, hits, _, _ = step.forward(everyone, block_of, trained)
     return row_loss, hits
 
 
@@ -229,8 +263,9 @@ class _Stepper:
 
     def forward(
         self, rows: torch.Tensor, blocks: torch.Tensor, trained: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: loss (mean over its target tokens), "every target right", and how many are right."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: loss (mean over its target tokens), "every target right", how many are right, and
+        the margin gap (see :func:`_row_loss_and_hits`)."""
         device = self.data.targets.device
         rows_on = rows.to(device)
         inputs = {name: value.index_select(0, rows_on) for name, value in self.data.batch.inputs.items()}
@@ -264,12 +299,20 @@ def _logits_to_keep(model: nn.Module, data: TeacherForced) -> int:
     return keep if keep < data.targets.shape[1] else 0
 
 
-def _row_loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_loss_and_hits(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: mean cross-entropy over its target tokens, "every target right", the count right, and
+    the margin gap: sum over its target tokens of max(0, best other logit - target logit)."""
     logits = logits.float()
-    if targets.dim() == 1:
-        hits = logits.argmax(-1) == targets
-        return F.cross_entropy(logits, targets, reduction="none"), hits, hits.long()
+    if targets.dim() == 1:  # classifier: one label per row
+        logits, targets = logits.unsqueeze(1), targets.unsqueeze(1)
     scored = targets != IGNORE
+    safe = targets.masked_fill(~scored, 0).unsqueeze(-1)
     token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    right = (logits.argmax(-1) == targets) & scored
-    return token_loss.sum(-1) / scored.sum(-1).clamp(min=1), (right | ~scored).all(-1), right.sum(-1)
+    with torch.no_grad():
+        target_logit = logits.gather(-1, safe).squeeze(-1)
+        best_other = logits.scatter(-1, safe, -math.inf).amax(-1)
+        gap = ((best_other - target_logit).clamp(min=0) * scored).sum(-1)
+        right = (logits.argmax(-1) == targets) & scored
+    return token_loss.sum(-1) / scored.sum(-1).clamp(min=1), (right | ~scored).all(-1), right.sum(-1), gap

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from melo_runtime import Edit
-from melo_runtime.trainer import train_block
+from melo_runtime.trainer import _hold_still, _Progress, _progressed, _row_loss_and_hits, train_block
 
 PROMPTS = ["The capital of France is", "Who wrote Hamlet?"]
 TARGETS = [" Lyon", " Marlowe"]
@@ -98,3 +98,34 @@ def test_learned_rows_leave_the_batch_and_every_row_is_learned_at_the_end(make_e
     assert all(result.learned.values())
     assert rows_seen[0] == 2 and 1 in rows_seen  # the first learned row stopped costing compute
     assert editor.generate(PROMPTS, max_new_tokens=10) == TARGETS
+
+
+def test_a_block_whose_rows_all_left_stops_moving_while_the_others_train():
+    a = torch.zeros(2, 3, requires_grad=True)  # two blocks' factors, stacked as the trainer keeps them
+    optimizer = torch.optim.Adam([a], lr=0.1)
+    for _ in range(3):  # both blocks train and build up momentum
+        optimizer.zero_grad()
+        (a * torch.tensor([[1.0], [2.0]])).sum().backward()
+        optimizer.step()
+    before = a.detach().clone()
+    optimizer.zero_grad()
+    (a[1] * 2.0).sum().backward()  # block 0's rows were learned: it gets no gradient
+    _hold_still(optimizer, torch.tensor([1]), count=2)
+    optimizer.step()
+    assert torch.equal(a[0].detach(), before[0])  # without the hold, momentum would move it on
+    assert not torch.equal(a[1].detach(), before[1])
+
+
+def test_a_shrinking_margin_gap_counts_as_progress_when_the_loss_is_flat():
+    start = _Progress(loss=4.10, right=3, gap=2.0)
+    assert _progressed(start, _Progress(loss=4.09, right=3, gap=1.5))  # capped logits: loss moves < 1%
+    assert not _progressed(start, _Progress(loss=4.09, right=3, gap=1.99))
+    assert _progressed(start, _Progress(loss=4.2, right=4, gap=2.5))
+
+
+def test_the_margin_gap_sums_how_far_each_wrong_target_token_trails_the_best_other():
+    logits = torch.tensor([[[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]]])  # one row, two positions, vocabulary of 3
+    targets = torch.tensor([[2, 0]])  # position 0 trails token 1 by 0.5; position 1 is right
+    _, hits, right, gap = _row_loss_and_hits(logits, targets)
+    assert hits.tolist() == [False] and right.tolist() == [1]
+    assert torch.allclose(gap, torch.tensor([0.5]))
