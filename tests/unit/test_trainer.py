@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from melo_runtime import Edit
-from melo_runtime.trainer import _hold_still, _Progress, _progressed, _row_loss_and_hits, train_block
+from melo_runtime.encoding import IGNORE
+from melo_runtime.trainer import _hold_still, _Progress, _progressed, _row_scores, train_block
 
 PROMPTS = ["The capital of France is", "Who wrote Hamlet?"]
 TARGETS = [" Lyon", " Marlowe"]
 
 
-def _train(editor, *, cache_prefix: bool, iterations: int = 8):
+def _train(editor, *, cache_prefix: bool, iterations: int = 8, scored_only: bool = True):
     config = dataclasses.replace(editor.config, iterations=iterations, early_stop=False)
     if editor.config.task == "classify":
         data = editor._encoder.teacher_forced(PROMPTS, [1, 0])
@@ -27,6 +28,7 @@ def _train(editor, *, cache_prefix: bool, iterations: int = 8):
         key_module=editor._attachment.key_module,
         prefix_layers=editor._attachment.prefix_layers,
         cache_prefix=cache_prefix,
+        scored_only=scored_only,
     )
 
 
@@ -41,6 +43,27 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
     assert cached.losses[-1] < cached.losses[0]
     assert len(cached.blocks) == len(full.blocks) == 1
     for name, (a, b) in cached.blocks[0].items():
+        assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
+        assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_projecting_only_the_scored_positions_gives_the_same_loss_curve_and_block(make_editor, family):
+    editor = make_editor(family, learnable=True)
+    head = editor.model.get_output_embeddings()
+    projected = []
+    handle = head.register_forward_hook(lambda module, args, output: projected.append(output.shape[:-1].numel()))
+    try:
+        scored = _train(editor, cache_prefix=True, scored_only=True)
+        scored_positions = projected[0]
+        projected.clear()
+        full = _train(editor, cache_prefix=True, scored_only=False)
+    finally:
+        handle.remove()
+    targets = editor._encoder.teacher_forced(PROMPTS, TARGETS).targets
+    assert scored_positions == int((targets != IGNORE).sum()) < projected[0]
+    assert torch.allclose(torch.tensor(scored.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    for name, (a, b) in scored.blocks[0].items():
         assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
         assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
 
@@ -124,8 +147,8 @@ def test_a_shrinking_margin_gap_counts_as_progress_when_the_loss_is_flat():
 
 
 def test_the_margin_gap_sums_how_far_each_wrong_target_token_trails_the_best_other():
-    logits = torch.tensor([[[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]]])  # one row, two positions, vocabulary of 3
-    targets = torch.tensor([[2, 0]])  # position 0 trails token 1 by 0.5; position 1 is right
-    _, hits, right, gap = _row_loss_and_hits(logits, targets)
+    logits = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]])  # one row's two target tokens, vocabulary of 3
+    targets = torch.tensor([2, 0])  # token 0 trails token 1 by 0.5; token 1 is right
+    _, hits, right, gap = _row_scores(logits, targets, torch.tensor([0, 0]), rows=1)
     assert hits.tolist() == [False] and right.tolist() == [1]
     assert torch.allclose(gap, torch.tensor([0.5]))
