@@ -15,7 +15,16 @@ def test_perf_train_times_naive_before_and_ours_per_batch_size(tmp_path):
         assert row["before"]["iterations"] <= 5
         assert 0 <= row["ours"]["learned"] <= 1 and row["ours"]["blocks"] >= 1
         assert row["ours"]["speedup_vs_naive"] > 0 and row["ours"]["speedup_vs_before"] > 0
+        assert row["columns"]["blocks"] >= 1 and row["ours"]["speedup_vs_columns"] > 0
     assert "| batch |" in (tmp_path / "perf_train.md").read_text()
+
+
+def test_perf_train_trains_on_new_one_word_facts_on_request(tmp_path):
+    perf_train.main(["--backbone", "tiny-gpt2", "--sizes", "2", "--facts", "words", "--threads", "1",
+                     "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "perf_train.json").read_text())
+    assert report["facts"] == "words"
+    assert report["rows"][0]["ours"]["learned"] == 1.0  # the tiny model learns these, unlike zsRE's answers
 
 
 def test_perf_train_extrapolates_a_partly_timed_naive_loop_and_says_so(tmp_path):

@@ -10,29 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from melo_runtime import Edit, MeloEditor
+from melo_runtime import MeloEditor
 from melo_runtime.presets import preset_for
 from melo_runtime.tiny import tiny_model, tiny_tokenizer
-
-SUBJECTS = [
-    "Alice", "Boris", "Chen", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
-    "Mateo", "Nadia", "Oscar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Ulla", "Viktor", "Wanda", "Xavier",
-    "Yusuf", "Zoe", "Arjun", "Bea", "Cyril", "Dora", "Emil", "Fatima", "Gus", "Hana", "Ivo", "Jade", "Karl",
-    "Lior", "Mina", "Nils",
-]
-RELATIONS = ["home town", "employer", "birthplace", "office", "favourite band"]
-OBJECTS = [
-    "Paris", "Oslo", "Lima", "Quito", "Rome", "Cairo", "Delhi", "Tokyo", "Perth", "Dakar", "Acme", "Bosch", "Tesla",
-    "Nokia", "Sony", "Intel", "Lego", "Ikea", "Zara", "Fiat", "Abba", "Blur", "Queen", "Muse", "Toto",
-]
-
-
-def new_facts(count: int) -> list[Edit]:
-    """``count`` single-word facts about distinct subjects (the model has never seen any of them)."""
-    return [
-        Edit(f"e{i}", f"{SUBJECTS[i]}'s {RELATIONS[i % len(RELATIONS)]}:", " " + OBJECTS[(i * 7) % len(OBJECTS)])
-        for i in range(count)
-    ]
+from melo_testkit.facts import new_facts
 
 
 def tiny_qwen2():
