@@ -6,9 +6,9 @@ MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes
 - **Capacity follows the batch.** At most ``edits_per_block`` edits share one block, so a batch of n
   edits trains ceil(n / edits_per_block) blocks at once, in one batched forward where every row
   gathers its own block (the parameters per edit stay those of the preset, whatever the batch size).
-- **Per-row early exit.** A row whose teacher-forced argmax reproduces its target leaves the batch,
-  and a block none of whose rows still trains stops moving (its Adam momentum is zeroed); when no
-  row is left, every row is checked again and any that slipped back rejoins.
+- **Per-block early exit.** Once the teacher-forced argmax reproduces the target of every row of a
+  block, the block's rows leave the batch and the block stops moving (its Adam momentum is zeroed),
+  so what it learned stays learned; a batch of single-edit blocks (every retry) exits row by row.
 - **Iterations extend while the rows still improve** (more target tokens right, a lower loss or a
   smaller margin gap to the best wrong token), up to ``max_iterations``.
 - **Retry blocks.** Edits still not learned are trained again from scratch, each in a fresh block
@@ -160,12 +160,13 @@ def _fit(
     result: TrainResult,
     gamma: float,
 ) -> tuple[dict[int, bool], dict[int, float]]:
-    """One round: Adam on ``trained`` over ``rows`` with per-row early exit and a progress-driven budget."""
+    """One round: Adam on ``trained`` over ``rows`` with per-block early exit and a progress-driven budget."""
     parameters = [tensor for pair in trained.values() for tensor in pair]
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=gamma)
     everyone = torch.tensor(rows, dtype=torch.long)
     block_of = torch.tensor([assignment[row] for row in rows], dtype=torch.long)
+    count = int(block_of.max()) + 1
     active = torch.arange(len(rows))  # positions in ``rows`` still training
     limit = max(config.max_iterations, config.iterations) if config.early_stop else config.iterations
     window: _Progress | None = None  # the active rows' progress when the window began
@@ -190,17 +191,17 @@ def _fit(
             if iterations >= config.iterations and window is not None and not _progressed(window, now):
                 break
             window = now
-        keep = ~hits if config.early_stop else torch.ones_like(hits)
-        loss = row_loss[keep].sum() / keep.sum()
+        keep = _unfinished(block_of[active], hits.cpu(), count) if config.early_stop else torch.ones_like(active, dtype=torch.bool)
+        loss = row_loss[keep.to(row_loss.device)].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _hold_still(optimizer, block_of[active[keep]], int(block_of.max()) + 1)
+        _hold_still(optimizer, block_of[active[keep]], count)
         optimizer.step()
         if iterations < config.iterations:
             schedule.step()  # the official schedule; extension steps keep its last learning rate
         iterations += 1
         if not bool(keep.all()):
-            active = active[keep]  # learned rows leave the batch
+            active = active[keep]  # the rows of finished blocks leave the batch
             window = None
     result.iterations += iterations
     if active.numel() != len(rows):  # the last forward saw only some rows: check them all
@@ -209,6 +210,14 @@ def _fit(
     learned = {row: bool(hit) for row, hit in zip(rows, hits.tolist(), strict=True)}
     losses = {row: float(value) for row, value in zip(rows, row_loss.tolist(), strict=True)}
     return learned, losses
+
+
+def _unfinished(blocks: torch.Tensor, hits: torch.Tensor, count: int) -> torch.Tensor:
+    """Per row: whether some row of its block (of ``count``) is still wrong. The rows of a block keep
+    training together until every one of them is right: a right row that left its block while the
+    others still trained it would be pulled off its target unseen."""
+    wrong = torch.zeros(count, dtype=torch.long).index_add_(0, blocks, (~hits).long())
+    return wrong[blocks] > 0
 
 
 def _hold_still(optimizer: torch.optim.Adam, training: torch.Tensor, count: int) -> None:

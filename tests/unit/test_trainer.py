@@ -109,17 +109,27 @@ def test_an_edit_not_learned_keeps_no_key_and_no_block(make_editor):
     assert editor.route([PROMPTS[0]]) == [None]  # the base model answers: no block without the edit
 
 
-def test_learned_rows_leave_the_batch_and_every_row_is_learned_at_the_end(make_editor):
-    editor = make_editor("llama", learnable=True)
+def _rows_per_forward(editor, edits):
     layer = next(iter(editor._attachment.layers.values()))
     rows_seen = []
     handle = layer.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
     try:
-        result = editor.apply_batch([Edit(str(i), p, t) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))])
+        result = editor.apply_batch(edits)
     finally:
         handle.remove()
+    return result, rows_seen
+
+
+@pytest.mark.parametrize("per_block", [1, 2])
+def test_a_finished_block_leaves_the_batch_and_every_row_is_learned_at_the_end(make_editor, per_block):
+    editor = make_editor("llama", learnable=True, edits_per_block=per_block)
+    edits = [Edit(str(i), p, t) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+    result, rows_seen = _rows_per_forward(editor, edits)
     assert all(result.learned.values())
-    assert rows_seen[0] == 2 and 1 in rows_seen  # the first learned row stopped costing compute
+    if per_block == 1:
+        assert rows_seen[0] == 2 and 1 in rows_seen  # the first finished block stopped costing compute
+    else:
+        assert set(rows_seen) == {2}  # rows of one block train together until both are right
     assert editor.generate(PROMPTS, max_new_tokens=10) == TARGETS
 
 
