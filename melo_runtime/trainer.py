@@ -192,7 +192,9 @@ def _fit(
                 break
             window = now
         keep = _unfinished(block_of[active], hits.cpu(), count) if config.early_stop else torch.ones_like(active, dtype=torch.bool)
-        loss = row_loss[keep.to(row_loss.device)].mean()
+        # Mean over the target tokens of the rows still training, as the official loop's loss is.
+        tokens = step.tokens[everyone[active[keep]]]
+        loss = (row_loss[keep.to(row_loss.device)] * tokens).sum() / tokens.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _hold_still(optimizer, block_of[active[keep]], count)
@@ -274,6 +276,8 @@ class _Stepper:
         self.cache = cache
         self.key_module = key_module
         self.keep = _logits_to_keep(model, data)
+        targets = data.targets if data.targets.dim() == 2 else data.targets.unsqueeze(1)
+        self.tokens = (targets != IGNORE).sum(-1).clamp(min=1).float()  # scored tokens per row
         # A causal LM's vocabulary projection dominates a step (SmolLM2: 576 x 49,152 per position
         # against ~3.6M multiply-adds per position in a layer): project the scored positions only.
         self.head = model.get_output_embeddings() if scored_only and self.keep else None
