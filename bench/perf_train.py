@@ -10,7 +10,7 @@ after the other on the same model:
 * ``columns`` -- ``ours`` projecting to the vocabulary every column from the first target position
   on (``scored_only=False``: the trainer as it was before the scored positions were gathered);
 * ``ours``    -- the runtime's trainer as the editor runs it (melo_runtime/trainer.py): blocks of
-  ``edits_per_block`` edits, per-row early exit, only the scored positions projected to the
+  ``edits_per_block`` edits, per-block early exit, only the scored positions projected to the
   vocabulary, iterations extended while the rows improve, retry blocks for edits not learned.
 
 Reports seconds, iterations, the fraction of rows learned, edits/s, and the speed-up of each over
