@@ -191,7 +191,9 @@ def _fit(
             if iterations >= config.iterations and window is not None and not _progressed(window, now):
                 break
             window = now
-        keep = _unfinished(block_of[active], hits.cpu(), count) if config.early_stop else torch.ones_like(active, dtype=torch.bool)
+        keep = torch.ones_like(active, dtype=torch.bool)
+        if config.early_stop:
+            keep = _unfinished(block_of[active], hits.cpu(), count)
         # Mean over the target tokens of the rows still training, as the official loop's loss is.
         tokens = step.tokens[everyone[active[keep]]]
         loss = (row_loss[keep.to(row_loss.device)] * tokens).sum() / tokens.sum()
@@ -259,7 +261,8 @@ def _progressed(start: _Progress, now: _Progress) -> bool:
 
 
 def _recheck(step: _Stepper, everyone: torch.Tensor, block_of: torch.Tensor, trained) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and "learned" of every row again: rows that left the batch can slip back."""
+    """Loss and "learned" of every row again. The blocks of rows that left hold still, but a row can
+    come out of a differently composed batch on the other side of a rounding-error margin."""
     with torch.no_grad():
         row_loss, hits, _, _ = step.forward(everyone, block_of, trained)
     return row_loss, hits
@@ -269,7 +272,12 @@ class _Stepper:
     """Forward passes over any subset of the batch's rows, each row through its own new block."""
 
     def __init__(
-        self, model: nn.Module, data: TeacherForced, cache: PrefixCache | None, key_module: str, scored_only: bool = True
+        self,
+        model: nn.Module,
+        data: TeacherForced,
+        cache: PrefixCache | None,
+        key_module: str,
+        scored_only: bool = True,
     ) -> None:
         self.model = model
         self.data = data
