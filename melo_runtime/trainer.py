@@ -15,8 +15,9 @@ MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes
   of its own (a new optimizer; a schedule that decays more slowly each round), up to
   ``retry_rounds`` times, within the same batch.
 - **Cheap steps.** The frozen layers below the first LoRA layer run once per batch
-  (:mod:`melo_runtime.prefix_cache`) and a causal LM projects to its vocabulary only the hidden
-  states of the target positions, gathered before the output layer.
+  (:mod:`melo_runtime.prefix_cache`); a causal LM projects to its vocabulary only the hidden states
+  of the target positions, gathered before the output layer, and runs its top layer's MLP on those
+  positions only.
 
 "Learned" is exact teacher-forced agreement on every target token, EOS included; by induction over
 the decoded positions that is what greedy decoding from the prompt produces (for classifiers: the
@@ -107,7 +108,7 @@ def train_block(
     cache = None
     if cache_prefix and prefix_layers:
         cache = PrefixCache(layer_ids=frozenset(id(layer) for layer in prefix_layers))
-    step = _Stepper(model, data, cache, key_module, scored_only)
+    step = _Stepper(model, data, cache, key_module, scored_only, lora_modules=list(factors))
     result = TrainResult(blocks=[], row_blocks=[-1] * rows, learned=[False] * rows, row_losses=[math.inf] * rows)
     pending = list(range(rows))
     per_block = config.edits_per_block
@@ -278,6 +279,7 @@ class _Stepper:
         cache: PrefixCache | None,
         key_module: str,
         scored_only: bool = True,
+        lora_modules: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.data = data
@@ -289,6 +291,11 @@ class _Stepper:
         # A causal LM's vocabulary projection dominates a step (SmolLM2: 576 x 49,152 per position
         # against ~3.6M multiply-adds per position in a layer): project the scored positions only.
         self.head = model.get_output_embeddings() if scored_only and self.keep else None
+        # The top layer's MLP output reaches nothing but the final norm and the output layer, position
+        # by position: it runs at the scored positions only, once the first pass showed that it maps
+        # a [rows, columns, hidden] tensor to one of the same shape.
+        self.top_mlp = _top_mlp(model, lora_modules) if self.head is not None else None
+        self.top_mlp_plain: bool | None = None
 
     def forward(
         self, rows: torch.Tensor, blocks: torch.Tensor, trained: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -320,12 +327,14 @@ class _Stepper:
             gathered.append(True)
             return (hidden[where].unsqueeze(0), *args[1:])  # [1, scored tokens, hidden]
 
-        handle = self.head.register_forward_pre_hook(gather) if self.head is not None else None
+        handles = [self.head.register_forward_pre_hook(gather)] if self.head is not None else []
+        if self.top_mlp is not None and where is not None:
+            handles += self._narrow_top_mlp(state, where, targets.shape)
         try:
             with use_state(state):
                 logits = self.model(**inputs, **kwargs).logits
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         if self.cache is not None and not self.cache.replaying:
             self.cache.replaying = True  # the first pass saw every row and recorded the frozen prefix
@@ -334,6 +343,56 @@ class _Stepper:
         elif where is not None:
             logits = logits[where]
         return _row_scores(logits, picked, row_of, targets.shape[0])
+
+
+    def _narrow_top_mlp(self, state: CallState, where: tuple[torch.Tensor, torch.Tensor], kept: torch.Size) -> list:
+        """Hooks that run the top MLP on the scored tokens only, one token per row [tokens, 1, hidden]
+        (each through its row's block), and put its output back at their positions (zero elsewhere:
+        nothing reads it there). On the first call, a probe that checks the MLP's shapes instead."""
+        mlp = self.top_mlp
+        if self.top_mlp_plain is None:
+
+            def probe(module: nn.Module, args: tuple, output: object) -> None:
+                hidden = args[0] if args else None
+                self.top_mlp_plain = (
+                    isinstance(hidden, torch.Tensor)
+                    and isinstance(output, torch.Tensor)
+                    and hidden.dim() == 3
+                    and output.shape == hidden.shape
+                )
+
+            return [mlp.register_forward_hook(probe)]
+        if not self.top_mlp_plain:
+            return []
+        narrowed: list[tuple] = []
+
+        def narrow(module: nn.Module, args: tuple) -> tuple:
+            hidden = args[0]  # [rows, columns, hidden]; the kept columns are the last ones
+            at = (where[0], where[1] + hidden.shape[1] - kept[1])
+            narrowed.append((at, hidden.shape, state.training_blocks))
+            state.training_blocks = state.training_blocks[where[0]]
+            return (hidden[at].unsqueeze(1), *args[1:])
+
+        def widen(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            at, shape, blocks = narrowed.pop()
+            state.training_blocks = blocks
+            return output.new_zeros(shape).index_put(at, output[:, 0])
+
+        return [mlp.register_forward_pre_hook(narrow), mlp.register_forward_hook(widen)]
+
+
+def _top_mlp(model: nn.Module, lora_modules: Sequence[str]) -> nn.Module | None:
+    """The module holding a LoRA target when it is a direct child of the last layer of a layer stack
+    (``model.layers.29.mlp`` for ``model.layers.29.mlp.down_proj``); None otherwise."""
+    modules = dict(model.named_modules())
+    for name in lora_modules:
+        parts = name.split(".")
+        if len(parts) < 4 or not parts[-3].isdigit():
+            continue
+        stack = modules.get(".".join(parts[:-3]))
+        if isinstance(stack, nn.ModuleList) and int(parts[-3]) == len(stack) - 1:
+            return modules[".".join(parts[:-1])]
+    return None
 
 
 def _logits_to_keep(model: nn.Module, data: TeacherForced) -> int:

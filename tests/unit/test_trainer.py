@@ -48,20 +48,29 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_projecting_only_the_scored_positions_gives_the_same_loss_curve_and_block(make_editor, family):
+def test_computing_only_the_scored_positions_on_top_gives_the_same_loss_curve_and_block(make_editor, family):
     editor = make_editor(family, learnable=True)
     head = editor.model.get_output_embeddings()
-    projected = []
-    handle = head.register_forward_hook(lambda module, args, output: projected.append(output.shape[:-1].numel()))
+    top_mlp = editor.model.get_submodule(editor.config.target_modules[-1].rsplit(".", 1)[0])
+    projected, mlp_positions = [], []
+    handles = [
+        head.register_forward_hook(lambda module, args, output: projected.append(output.shape[:-1].numel())),
+        top_mlp.register_forward_hook(lambda module, args, output: mlp_positions.append(args[0].shape[:-1].numel())),
+    ]
     try:
         scored = _train(editor, cache_prefix=True, scored_only=True)
-        scored_positions = projected[0]
+        scored_positions, scored_mlp = projected[0], mlp_positions[1:]
         projected.clear()
+        mlp_positions.clear()
         full = _train(editor, cache_prefix=True, scored_only=False)
     finally:
-        handle.remove()
-    targets = editor._encoder.teacher_forced(PROMPTS, TARGETS).targets
-    assert scored_positions == int((targets != IGNORE).sum()) < projected[0]
+        for handle in handles:
+            handle.remove()
+    data = editor._encoder.teacher_forced(PROMPTS, TARGETS)
+    tokens = int((data.targets != IGNORE).sum())
+    assert scored_positions == tokens < projected[0]
+    # The top layer's MLP, after the first pass that checks its shapes, runs on the scored tokens only.
+    assert set(scored_mlp) == {tokens} and set(mlp_positions) == {data.targets.numel()}
     assert torch.allclose(torch.tensor(scored.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
     for name, (a, b) in scored.blocks[0].items():
         assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
