@@ -7,9 +7,11 @@ after the other on the same model:
   every position, one block for the whole batch;
 * ``before``  -- the trainer before issue 16: the frozen prefix computed once, logits at every
   position, one block for the whole batch, stop once every target is reproduced (else 50 iterations);
+* ``columns`` -- ``ours`` projecting to the vocabulary every column from the first target position
+  on (``scored_only=False``: the trainer as it was before the scored positions were gathered);
 * ``ours``    -- the runtime's trainer as the editor runs it (melo_runtime/trainer.py): blocks of
-  ``edits_per_block`` edits, per-row early exit, logits only at the target positions, iterations
-  extended while the loss falls, retry blocks for edits not learned.
+  ``edits_per_block`` edits, per-block early exit, only the scored positions projected to the
+  vocabulary, iterations extended while the rows improve, retry blocks for edits not learned.
 
 Reports seconds, iterations, the fraction of rows learned, edits/s, and the speed-up of each over
 ``naive``. The naive loop has no early stop, so its cost is exactly ``iterations`` equal steps:
@@ -32,6 +34,7 @@ import torch
 
 from melo_eval import datasets
 from melo_runtime.presets import preset_for
+from melo_testkit.facts import new_facts
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,6 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=50, help="iteration cap of every variant (official: 50)")
     parser.add_argument("--naive-iterations", type=int, default=None,
                         help="time only this many naive steps and scale to --iterations (default: all)")
+    parser.add_argument("--facts", choices=("zsre", "words"), default="zsre",
+                        help="zsre: the first zsRE train facts; words: new one-word facts about invented people "
+                        "(melo_testkit.facts), which tiny random models can learn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("var/bench/perf_train"))
@@ -95,10 +101,11 @@ def time_variant(model, data, config, attachment, variant: str) -> dict:
         for name, layer in attachment.layers.items()
     }
     started = time.perf_counter()
-    if variant == "ours":
+    if variant in ("columns", "ours"):
         result = train_block(
             model, data, factors, 0, config,
             key_module=attachment.key_module, prefix_layers=attachment.prefix_layers,
+            scored_only=variant == "ours",
         )
         iterations, learned, blocks = result.iterations, sum(result.learned) / len(result.learned), len(result.blocks)
     else:
@@ -126,16 +133,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = preset_for(model)
     attachment = attach(model, config)
     encoder = TextEncoder(model, tokenizer)
-    stream = datasets.zsre_stream(args.data_dir, max(sizes), n_locality=0)
+    if args.facts == "zsre":
+        facts = [(c.prompt, c.target) for c in datasets.zsre_stream(args.data_dir, max(sizes), n_locality=0).cases]
+    else:
+        facts = [(edit.prompt, edit.target) for edit in new_facts(max(sizes))]
     variants = {
         "naive": replace(config, iterations=naive_steps),
         "before": replace(config, iterations=args.iterations),
+        "columns": replace(config, iterations=args.iterations),
         "ours": replace(config, iterations=args.iterations),
     }
     rows = []
     for size in sizes:
-        cases = stream.cases[:size]
-        data = encoder.teacher_forced([c.prompt for c in cases], [c.target for c in cases])
+        prompts, targets = zip(*facts[:size], strict=True)
+        data = encoder.teacher_forced(list(prompts), list(targets))
         row: dict = {"batch": size}
         for name, variant_config in variants.items():
             timing = time_variant(model, data, variant_config, attachment, name)
@@ -147,24 +158,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             learned = "n/a (extrapolated)" if timing["learned"] is None else f"{timing['learned']:.2f}"
             print(f"batch {size:4d} {name:6s} {timing['seconds']:8.2f}s  {timing['iterations']:4d} it  "
                   f"{timing['blocks']:3d} blocks  learned {learned}", flush=True)
-        for name in ("before", "ours"):
+        for name in ("before", "columns", "ours"):
             row[name]["speedup_vs_naive"] = row["naive"]["seconds"] / row[name]["seconds"]
         row["ours"]["speedup_vs_before"] = row["before"]["seconds"] / row["ours"]["seconds"]
+        row["ours"]["speedup_vs_columns"] = row["columns"]["seconds"] / row["ours"]["seconds"]
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"backbone": args.backbone, "config": config.to_dict(), "threads": args.threads,
+    report = {"backbone": args.backbone, "facts": args.facts, "config": config.to_dict(), "threads": args.threads,
               "naive_iterations_timed": naive_steps, "rows": rows}
     (args.out / "perf_train.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    lines = ["| batch | naive s (it) | before s (it, learned) | ours s (it, blocks, learned) | ours edits/s | "
-             "before x | ours x naive | ours x before |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | naive s (it) | before s (it, learned) | columns s (it, blocks, learned) | "
+             "ours s (it, blocks, learned) | ours edits/s | before x | ours x naive | ours x before | ours x columns |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        n, b, o = r["naive"], r["before"], r["ours"]
+        n, b, c, o = r["naive"], r["before"], r["columns"], r["ours"]
         lines.append(
             f"| {r['batch']} | {n['seconds']:.1f}{'*' if n.get('extrapolated') else ''} ({n['iterations']}) | "
             f"{b['seconds']:.1f} ({b['iterations']}, {b['learned']:.2f}) | "
+            f"{c['seconds']:.1f} ({c['iterations']}, {c['blocks']}, {c['learned']:.2f}) | "
             f"{o['seconds']:.1f} ({o['iterations']}, {o['blocks']}, {o['learned']:.2f}) | {o['edits_per_second']:.3f} | "
-            f"{b['speedup_vs_naive']:.2f} | {o['speedup_vs_naive']:.2f} | {o['speedup_vs_before']:.2f} |"
+            f"{b['speedup_vs_naive']:.2f} | {o['speedup_vs_naive']:.2f} | {o['speedup_vs_before']:.2f} | "
+            f"{o['speedup_vs_columns']:.2f} |"
         )
     if naive_steps < args.iterations:
         lines.append(f"\n\\* extrapolated: {naive_steps} naive steps timed, scaled to {args.iterations}.")

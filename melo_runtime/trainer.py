@@ -6,15 +6,18 @@ MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes
 - **Capacity follows the batch.** At most ``edits_per_block`` edits share one block, so a batch of n
   edits trains ceil(n / edits_per_block) blocks at once, in one batched forward where every row
   gathers its own block (the parameters per edit stay those of the preset, whatever the batch size).
-- **Per-row early exit.** A row whose teacher-forced argmax reproduces its target leaves the batch;
-  when none is left, every row is checked again and any that slipped back rejoins.
-- **Iterations extend while the loss still falls**, up to ``max_iterations``.
+- **Per-block early exit.** Once the teacher-forced argmax reproduces the target of every row of a
+  block, the block's rows leave the batch and the block stops moving (its Adam momentum is zeroed),
+  so what it learned stays learned; a batch of single-edit blocks (every retry) exits row by row.
+- **Iterations extend while the rows still improve** (more target tokens right, a lower loss or a
+  smaller margin gap to the best wrong token), up to ``max_iterations``.
 - **Retry blocks.** Edits still not learned are trained again from scratch, each in a fresh block
   of its own (a new optimizer; a schedule that decays more slowly each round), up to
   ``retry_rounds`` times, within the same batch.
 - **Cheap steps.** The frozen layers below the first LoRA layer run once per batch
-  (:mod:`melo_runtime.prefix_cache`) and a causal LM computes its vocabulary projection only for the
-  last positions, where the targets are.
+  (:mod:`melo_runtime.prefix_cache`); a causal LM projects to its vocabulary only the hidden states
+  of the target positions, gathered before the output layer, and runs its top layer's MLP on those
+  positions only.
 
 "Learned" is exact teacher-forced agreement on every target token, EOS included; by induction over
 the decoded positions that is what greedy decoding from the prompt produces (for classifiers: the
@@ -38,7 +41,8 @@ from melo_runtime.encoding import IGNORE, TeacherForced
 from melo_runtime.routing import CallState, PrefixCache, use_state
 
 # Past ``iterations``, a fresh window of ``lr_step`` iterations is granted only if the rows still
-# training got more target tokens right, or their loss fell by at least this fraction, in the last one.
+# training got more target tokens right, or their loss or their margin gap fell by at least this
+# fraction, in the last one.
 _MIN_WINDOW_GAIN = 0.01
 
 Block = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A [p, d_in], B [d_out, p])
@@ -86,13 +90,16 @@ def train_block(
     key_module: str,
     prefix_layers: Sequence[nn.Module] = (),
     cache_prefix: bool = True,
+    scored_only: bool = True,
     groups: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train new blocks (ids from ``block_id`` on) of every layer in ``factors`` on ``data``.
 
     ``groups`` gives each row's edit (rows of one edit always share a block); by default every row
     is its own edit. Nothing outside the returned blocks changes. ``cache_prefix=False`` recomputes
-    the whole forward pass on every iteration (the official behaviour), for checks and benchmarks.
+    the whole forward pass on every iteration (the official behaviour), and ``scored_only=False``
+    projects every kept column to the vocabulary instead of the scored positions only, both for
+    checks and benchmarks.
     """
     rows = data.targets.shape[0]
     groups = list(range(rows)) if groups is None else list(groups)
@@ -101,7 +108,7 @@ def train_block(
     cache = None
     if cache_prefix and prefix_layers:
         cache = PrefixCache(layer_ids=frozenset(id(layer) for layer in prefix_layers))
-    step = _Stepper(model, data, cache, key_module)
+    step = _Stepper(model, data, cache, key_module, scored_only, lora_modules=list(factors))
     result = TrainResult(blocks=[], row_blocks=[-1] * rows, learned=[False] * rows, row_losses=[math.inf] * rows)
     pending = list(range(rows))
     per_block = config.edits_per_block
@@ -154,18 +161,19 @@ def _fit(
     result: TrainResult,
     gamma: float,
 ) -> tuple[dict[int, bool], dict[int, float]]:
-    """One round: Adam on ``trained`` over ``rows`` with per-row early exit and a progress-driven budget."""
+    """One round: Adam on ``trained`` over ``rows`` with per-block early exit and a progress-driven budget."""
     parameters = [tensor for pair in trained.values() for tensor in pair]
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=gamma)
     everyone = torch.tensor(rows, dtype=torch.long)
     block_of = torch.tensor([assignment[row] for row in rows], dtype=torch.long)
+    count = int(block_of.max()) + 1
     active = torch.arange(len(rows))  # positions in ``rows`` still training
     limit = max(config.max_iterations, config.iterations) if config.early_stop else config.iterations
-    window: tuple[float, int] | None = None  # (loss, right tokens) of the active rows when the window began
+    window: _Progress | None = None  # the active rows' progress when the window began
     iterations = 0
     while True:
-        row_loss, hits, right = step.forward(everyone[active], block_of[active], trained)
+        row_loss, hits, right, gap = step.forward(everyone[active], block_of[active], trained)
         result.losses.append(float(row_loss.detach().mean()))
         done = _done(hits, row_loss, config)
         if config.early_stop and bool(done.all()):
@@ -178,28 +186,33 @@ def _fit(
                 break
             window = None  # other rows now: restart the progress window
             continue
-        now = (float(row_loss.detach().mean()), int(right.sum()))
+        now = _Progress(float(row_loss.detach().mean()), int(right.sum()), float(gap.sum()))
         if iterations >= limit:
             break
         if iterations % config.lr_step == 0:
             if iterations >= config.iterations and window is not None and not _progressed(window, now):
                 break
             window = now
-        keep = ~done if config.early_stop else torch.ones_like(hits)
-        loss = row_loss[keep].sum() / keep.sum()
+        keep = torch.ones_like(active, dtype=torch.bool)
+        if config.early_stop:
+            keep = _unfinished(block_of[active], done.cpu(), count)
+        # Mean over the target tokens of the rows still training, as the official loop's loss is.
+        tokens = step.tokens[everyone[active[keep]]]
+        loss = (row_loss[keep.to(row_loss.device)] * tokens).sum() / tokens.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _hold_still(optimizer, block_of[active[keep]], count)
         optimizer.step()
         if iterations < config.iterations:
             schedule.step()  # the official schedule; extension steps keep its last learning rate
         iterations += 1
         if not bool(keep.all()):
-            active = active[keep]  # learned rows leave the batch
+            active = active[keep]  # the rows of finished blocks leave the batch
             window = None
     result.iterations += iterations
     if active.numel() != len(rows):  # the last forward saw only some rows: check them all
         with torch.no_grad():
-            row_loss, hits, _ = step.forward(everyone, block_of, trained)
+            row_loss, hits, _, _ = step.forward(everyone, block_of, trained)
     learned = {row: bool(hit) for row, hit in zip(rows, hits.tolist(), strict=True)}
     losses = {row: float(value) for row, value in zip(rows, row_loss.tolist(), strict=True)}
     return learned, losses
@@ -212,33 +225,91 @@ def _done(hits: torch.Tensor, row_loss: torch.Tensor, config: MeloConfig) -> tor
     return hits & (row_loss.detach() <= config.margin_loss)
 
 
-def _progressed(start: tuple[float, int], now: tuple[float, int]) -> bool:
-    """Whether the rows still training got better over a window: more target tokens right, or a
-    loss at least ``_MIN_WINDOW_GAIN`` lower."""
-    return now[1] > start[1] or now[0] < (1 - _MIN_WINDOW_GAIN) * start[0]
+def _unfinished(blocks: torch.Tensor, hits: torch.Tensor, count: int) -> torch.Tensor:
+    """Per row: whether some row of its block (of ``count``) is still wrong. The rows of a block keep
+    training together until every one of them is right: a right row that left its block while the
+    others still trained it would be pulled off its target unseen."""
+    wrong = torch.zeros(count, dtype=torch.long).index_add_(0, blocks, (~hits).long())
+    return wrong[blocks] > 0
+
+
+def _hold_still(optimizer: torch.optim.Adam, training: torch.Tensor, count: int) -> None:
+    """Zero Adam's momentum of every block none of whose rows is still training, so that the next
+    step leaves it where it is: without this a block whose rows were all learned keeps drifting
+    along its momentum for a dozen steps and can unlearn them while nobody looks."""
+    idle = torch.ones(count, dtype=torch.bool)
+    idle[training] = False
+    if not bool(idle.any()):
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter)
+            if state and "exp_avg" in state:
+                state["exp_avg"][idle.to(parameter.device)] = 0
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """How far the rows still training are from their targets."""
+
+    loss: float  # mean row loss
+    right: int  # target tokens predicted right
+    gap: float  # sum over wrong target tokens of (best other logit - target logit)
+
+
+def _progressed(start: _Progress, now: _Progress) -> bool:
+    """Whether the rows still training got better over a window: more target tokens right, or a loss
+    or a margin gap at least ``_MIN_WINDOW_GAIN`` lower.
+
+    The gap is the scale-free measure: where the logits are capped (a tiny random model's final norm
+    and 0.02-scale output weights keep them within about +-1), the loss sits near log(vocabulary)
+    and moves by less than 1% while the wrong tokens still close in on their targets.
+    """
+    gain = 1 - _MIN_WINDOW_GAIN
+    return now.right > start.right or now.loss < gain * start.loss or now.gap < gain * start.gap
 
 
 def _recheck(step: _Stepper, everyone: torch.Tensor, block_of: torch.Tensor, trained) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and "learned" of every row again: rows that left the batch can slip back."""
+    """Loss and "learned" of every row again. The blocks of rows that left hold still, but a row can
+    come out of a differently composed batch on the other side of a rounding-error margin."""
     with torch.no_grad():
-        row_loss, hits, _ = step.forward(everyone, block_of, trained)
+        row_loss, hits, _, _ = step.forward(everyone, block_of, trained)
     return row_loss, hits
 
 
 class _Stepper:
     """Forward passes over any subset of the batch's rows, each row through its own new block."""
 
-    def __init__(self, model: nn.Module, data: TeacherForced, cache: PrefixCache | None, key_module: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: TeacherForced,
+        cache: PrefixCache | None,
+        key_module: str,
+        scored_only: bool = True,
+        lora_modules: Sequence[str] = (),
+    ) -> None:
         self.model = model
         self.data = data
         self.cache = cache
         self.key_module = key_module
         self.keep = _logits_to_keep(model, data)
+        targets = data.targets if data.targets.dim() == 2 else data.targets.unsqueeze(1)
+        self.tokens = (targets != IGNORE).sum(-1).clamp(min=1).float()  # scored tokens per row
+        # A causal LM's vocabulary projection dominates a step (SmolLM2: 576 x 49,152 per position
+        # against ~3.6M multiply-adds per position in a layer): project the scored positions only.
+        self.head = model.get_output_embeddings() if scored_only and self.keep else None
+        # The top layer's MLP output reaches nothing but the final norm and the output layer, position
+        # by position: it runs at the scored positions only, once the first pass showed that it maps
+        # a [rows, columns, hidden] tensor to one of the same shape.
+        self.top_mlp = _top_mlp(model, lora_modules) if self.head is not None else None
+        self.top_mlp_plain: bool | None = None
 
     def forward(
         self, rows: torch.Tensor, blocks: torch.Tensor, trained: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: loss (mean over its target tokens), "every target right", and how many are right."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: loss (mean over its target tokens), "every target right", how many are right, and
+        the margin gap (see :func:`_row_scores`)."""
         device = self.data.targets.device
         rows_on = rows.to(device)
         inputs = {name: value.index_select(0, rows_on) for name, value in self.data.batch.inputs.items()}
@@ -247,14 +318,89 @@ class _Stepper:
         if self.keep:
             kwargs["logits_to_keep"] = self.keep
             targets = targets[:, -self.keep :]
+        if targets.dim() == 1:  # classifier: one label per row
+            row_of, picked, where = torch.arange(targets.shape[0], device=device), targets, None
+        else:
+            where = torch.nonzero(targets != IGNORE, as_tuple=True)  # (row, column) of every scored token
+            row_of, picked = where[0], targets[where]
         if self.cache is not None:
             self.cache.rows = rows_on if self.cache.replaying else None
         state = CallState(key_module=self.key_module, training=trained, training_blocks=blocks.to(device), prefix=self.cache)
-        with use_state(state):
-            logits = self.model(**inputs, **kwargs).logits
+        gathered = []
+
+        def gather(module: nn.Module, args: tuple) -> tuple | None:
+            hidden = args[0]  # [rows, kept columns, hidden]
+            if where is None or hidden.shape[:2] != targets.shape:
+                return None
+            gathered.append(True)
+            return (hidden[where].unsqueeze(0), *args[1:])  # [1, scored tokens, hidden]
+
+        handles = [self.head.register_forward_pre_hook(gather)] if self.head is not None else []
+        if self.top_mlp is not None and where is not None:
+            handles += self._narrow_top_mlp(state, where, targets.shape)
+        try:
+            with use_state(state):
+                logits = self.model(**inputs, **kwargs).logits
+        finally:
+            for handle in handles:
+                handle.remove()
         if self.cache is not None and not self.cache.replaying:
             self.cache.replaying = True  # the first pass saw every row and recorded the frozen prefix
-        return _row_loss_and_hits(logits, targets)
+        if gathered:
+            logits = logits[0]  # [scored tokens, vocabulary]
+        elif where is not None:
+            logits = logits[where]
+        return _row_scores(logits, picked, row_of, targets.shape[0])
+
+
+    def _narrow_top_mlp(self, state: CallState, where: tuple[torch.Tensor, torch.Tensor], kept: torch.Size) -> list:
+        """Hooks that run the top MLP on the scored tokens only, one token per row [tokens, 1, hidden]
+        (each through its row's block), and put its output back at their positions (zero elsewhere:
+        nothing reads it there). On the first call, a probe that checks the MLP's shapes instead."""
+        mlp = self.top_mlp
+        if self.top_mlp_plain is None:
+
+            def probe(module: nn.Module, args: tuple, output: object) -> None:
+                hidden = args[0] if args else None
+                self.top_mlp_plain = (
+                    isinstance(hidden, torch.Tensor)
+                    and isinstance(output, torch.Tensor)
+                    and hidden.dim() == 3
+                    and output.shape == hidden.shape
+                )
+
+            return [mlp.register_forward_hook(probe)]
+        if not self.top_mlp_plain:
+            return []
+        narrowed: list[tuple] = []
+
+        def narrow(module: nn.Module, args: tuple) -> tuple:
+            hidden = args[0]  # [rows, columns, hidden]; the kept columns are the last ones
+            at = (where[0], where[1] + hidden.shape[1] - kept[1])
+            narrowed.append((at, hidden.shape, state.training_blocks))
+            state.training_blocks = state.training_blocks[where[0]]
+            return (hidden[at].unsqueeze(1), *args[1:])
+
+        def widen(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            at, shape, blocks = narrowed.pop()
+            state.training_blocks = blocks
+            return output.new_zeros(shape).index_put(at, output[:, 0])
+
+        return [mlp.register_forward_pre_hook(narrow), mlp.register_forward_hook(widen)]
+
+
+def _top_mlp(model: nn.Module, lora_modules: Sequence[str]) -> nn.Module | None:
+    """The module holding a LoRA target when it is a direct child of the last layer of a layer stack
+    (``model.layers.29.mlp`` for ``model.layers.29.mlp.down_proj``); None otherwise."""
+    modules = dict(model.named_modules())
+    for name in lora_modules:
+        parts = name.split(".")
+        if len(parts) < 4 or not parts[-3].isdigit():
+            continue
+        stack = modules.get(".".join(parts[:-3]))
+        if isinstance(stack, nn.ModuleList) and int(parts[-3]) == len(stack) - 1:
+            return modules[".".join(parts[:-1])]
+    return None
 
 
 def _logits_to_keep(model: nn.Module, data: TeacherForced) -> int:
@@ -272,12 +418,22 @@ def _logits_to_keep(model: nn.Module, data: TeacherForced) -> int:
     return keep if keep < data.targets.shape[1] else 0
 
 
-def _row_loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_scores(
+    logits: torch.Tensor, targets: torch.Tensor, row_of: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the logits [tokens, classes] of the scored tokens, their targets [tokens] and rows
+    [tokens], per row: mean cross-entropy, "every target right", the count right, and the margin gap
+    (sum over its tokens of max(0, best other logit - target logit))."""
     logits = logits.float()
-    if targets.dim() == 1:
-        hits = logits.argmax(-1) == targets
-        return F.cross_entropy(logits, targets, reduction="none"), hits, hits.long()
-    scored = targets != IGNORE
-    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    right = (logits.argmax(-1) == targets) & scored
-    return token_loss.sum(-1) / scored.sum(-1).clamp(min=1), (right | ~scored).all(-1), right.sum(-1)
+    token_loss = F.cross_entropy(logits, targets, reduction="none")
+    with torch.no_grad():
+        index = targets.unsqueeze(1)
+        target_logit = logits.gather(1, index).squeeze(1)
+        best_other = logits.scatter(1, index, -math.inf).amax(1)
+        token_gap = (best_other - target_logit).clamp(min=0)
+        token_right = logits.argmax(1) == targets
+        count = torch.bincount(row_of, minlength=rows)
+        right = torch.zeros(rows, dtype=torch.long, device=logits.device).index_add_(0, row_of, token_right.long())
+        gap = torch.zeros(rows, device=logits.device).index_add_(0, row_of, token_gap)
+    loss = torch.zeros(rows, device=logits.device).index_add(0, row_of, token_loss) / count.clamp(min=1)
+    return loss, right == count, right, gap

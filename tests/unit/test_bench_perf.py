@@ -2,7 +2,7 @@
 
 import json
 
-from bench import perf_routing, perf_train
+from bench import perf_routing, perf_train, perf_train_step
 
 
 def test_perf_train_times_naive_before_and_ours_per_batch_size(tmp_path):
@@ -15,7 +15,27 @@ def test_perf_train_times_naive_before_and_ours_per_batch_size(tmp_path):
         assert row["before"]["iterations"] <= 5
         assert 0 <= row["ours"]["learned"] <= 1 and row["ours"]["blocks"] >= 1
         assert row["ours"]["speedup_vs_naive"] > 0 and row["ours"]["speedup_vs_before"] > 0
+        assert row["columns"]["blocks"] >= 1 and row["ours"]["speedup_vs_columns"] > 0
     assert "| batch |" in (tmp_path / "perf_train.md").read_text()
+
+
+def test_perf_train_trains_on_new_one_word_facts_on_request(tmp_path):
+    perf_train.main(["--backbone", "tiny-gpt2", "--sizes", "2", "--facts", "words", "--threads", "1",
+                     "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "perf_train.json").read_text())
+    assert report["facts"] == "words"
+    assert report["rows"][0]["ours"]["learned"] == 1.0  # the tiny model learns these, unlike zsRE's answers
+
+
+def test_perf_train_step_times_both_projections_per_round(tmp_path):
+    perf_train_step.main(["--backbone", "tiny-llama", "--batch", "2", "--steps", "2", "--rounds", "2",
+                          "--threads", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "perf_train_step.json").read_text())
+    assert set(report["seconds_per_step"]) == {"columns", "scored"}
+    assert all(len(values) == 2 for values in report["seconds_per_step"].values())
+    rows, columns = report["shape"]
+    assert rows == 2 and 0 < report["scored_tokens"] < rows * columns
+    assert "seconds per step" in (tmp_path / "perf_train_step.md").read_text()
 
 
 def test_perf_train_extrapolates_a_partly_timed_naive_loop_and_says_so(tmp_path):

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from melo_runtime import Edit
-from melo_runtime.trainer import train_block
+from melo_runtime.encoding import IGNORE
+from melo_runtime.trainer import _hold_still, _Progress, _progressed, _row_scores, train_block
 
 PROMPTS = ["The capital of France is", "Who wrote Hamlet?"]
 TARGETS = [" Lyon", " Marlowe"]
 
 
-def _train(editor, *, cache_prefix: bool, iterations: int = 8):
+def _train(editor, *, cache_prefix: bool, iterations: int = 8, scored_only: bool = True):
     config = dataclasses.replace(editor.config, iterations=iterations, early_stop=False)
     if editor.config.task == "classify":
         data = editor.encoder.teacher_forced(PROMPTS, [1, 0])
@@ -27,6 +28,7 @@ def _train(editor, *, cache_prefix: bool, iterations: int = 8):
         key_module=editor.attachment.key_module,
         prefix_layers=editor.attachment.prefix_layers,
         cache_prefix=cache_prefix,
+        scored_only=scored_only,
     )
 
 
@@ -41,6 +43,36 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
     assert cached.losses[-1] < cached.losses[0]
     assert len(cached.blocks) == len(full.blocks) == 1
     for name, (a, b) in cached.blocks[0].items():
+        assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
+        assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_computing_only_the_scored_positions_on_top_gives_the_same_loss_curve_and_block(make_editor, family):
+    editor = make_editor(family, learnable=True)
+    head = editor.model.get_output_embeddings()
+    top_mlp = editor.model.get_submodule(editor.config.target_modules[-1].rsplit(".", 1)[0])
+    projected, mlp_positions = [], []
+    handles = [
+        head.register_forward_hook(lambda module, args, output: projected.append(output.shape[:-1].numel())),
+        top_mlp.register_forward_hook(lambda module, args, output: mlp_positions.append(args[0].shape[:-1].numel())),
+    ]
+    try:
+        scored = _train(editor, cache_prefix=True, scored_only=True)
+        scored_positions, scored_mlp = projected[0], mlp_positions[1:]
+        projected.clear()
+        mlp_positions.clear()
+        full = _train(editor, cache_prefix=True, scored_only=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    data = editor.encoder.teacher_forced(PROMPTS, TARGETS)
+    tokens = int((data.targets != IGNORE).sum())
+    assert scored_positions == tokens < projected[0]
+    # The top layer's MLP, after the first pass that checks its shapes, runs on the scored tokens only.
+    assert set(scored_mlp) == {tokens} and set(mlp_positions) == {data.targets.numel()}
+    assert torch.allclose(torch.tensor(scored.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    for name, (a, b) in scored.blocks[0].items():
         assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
         assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
 
@@ -86,15 +118,56 @@ def test_an_edit_not_learned_keeps_no_key_and_no_block(make_editor):
     assert editor.route([PROMPTS[0]]) == [None]  # the base model answers: no block without the edit
 
 
-def test_learned_rows_leave_the_batch_and_every_row_is_learned_at_the_end(make_editor):
-    editor = make_editor("llama", learnable=True)
+def _rows_per_forward(editor, edits):
     layer = next(iter(editor.attachment.layers.values()))
     rows_seen = []
     handle = layer.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
     try:
-        result = editor.apply_batch([Edit(str(i), p, t) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))])
+        result = editor.apply_batch(edits)
     finally:
         handle.remove()
+    return result, rows_seen
+
+
+@pytest.mark.parametrize("per_block", [1, 2])
+def test_a_finished_block_leaves_the_batch_and_every_row_is_learned_at_the_end(make_editor, per_block):
+    editor = make_editor("llama", learnable=True, edits_per_block=per_block)
+    edits = [Edit(str(i), p, t) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+    result, rows_seen = _rows_per_forward(editor, edits)
     assert all(result.learned.values())
-    assert rows_seen[0] == 2 and 1 in rows_seen  # the first learned row stopped costing compute
+    if per_block == 1:
+        assert rows_seen[0] == 2 and 1 in rows_seen  # the first finished block stopped costing compute
+    else:
+        assert set(rows_seen) == {2}  # rows of one block train together until both are right
     assert editor.generate(PROMPTS, max_new_tokens=10) == TARGETS
+
+
+def test_a_block_whose_rows_all_left_stops_moving_while_the_others_train():
+    a = torch.zeros(2, 3, requires_grad=True)  # two blocks' factors, stacked as the trainer keeps them
+    optimizer = torch.optim.Adam([a], lr=0.1)
+    for _ in range(3):  # both blocks train and build up momentum
+        optimizer.zero_grad()
+        (a * torch.tensor([[1.0], [2.0]])).sum().backward()
+        optimizer.step()
+    before = a.detach().clone()
+    optimizer.zero_grad()
+    (a[1] * 2.0).sum().backward()  # block 0's rows were learned: it gets no gradient
+    _hold_still(optimizer, torch.tensor([1]), count=2)
+    optimizer.step()
+    assert torch.equal(a[0].detach(), before[0])  # without the hold, momentum would move it on
+    assert not torch.equal(a[1].detach(), before[1])
+
+
+def test_a_shrinking_margin_gap_counts_as_progress_when_the_loss_is_flat():
+    start = _Progress(loss=4.10, right=3, gap=2.0)
+    assert _progressed(start, _Progress(loss=4.09, right=3, gap=1.5))  # capped logits: loss moves < 1%
+    assert not _progressed(start, _Progress(loss=4.09, right=3, gap=1.99))
+    assert _progressed(start, _Progress(loss=4.2, right=4, gap=2.5))
+
+
+def test_the_margin_gap_sums_how_far_each_wrong_target_token_trails_the_best_other():
+    logits = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]])  # one row's two target tokens, vocabulary of 3
+    targets = torch.tensor([2, 0])  # token 0 trails token 1 by 0.5; token 1 is right
+    _, hits, right, gap = _row_scores(logits, targets, torch.tensor([0, 0]), rows=1)
+    assert hits.tolist() == [False] and right.tolist() == [1]
+    assert torch.allclose(gap, torch.tensor([0.5]))

@@ -10,33 +10,17 @@ import dataclasses
 import pytest
 import torch
 
-from melo_runtime import Edit, MeloEditor
+from melo_runtime import MeloEditor
 from melo_runtime.presets import preset_for
 from melo_runtime.tiny import tiny_model, tiny_tokenizer
-
-SUBJECTS = [
-    "Alice", "Boris", "Chen", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
-    "Mateo", "Nadia", "Oscar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Ulla", "Viktor", "Wanda", "Xavier",
-    "Yusuf", "Zoe", "Arjun", "Bea", "Cyril", "Dora", "Emil", "Fatima", "Gus", "Hana", "Ivo", "Jade", "Karl",
-    "Lior", "Mina", "Nils",
-]
-RELATIONS = ["home town", "employer", "birthplace", "office", "favourite band"]
-OBJECTS = [
-    "Paris", "Oslo", "Lima", "Quito", "Rome", "Cairo", "Delhi", "Tokyo", "Perth", "Dakar", "Acme", "Bosch", "Tesla",
-    "Nokia", "Sony", "Intel", "Lego", "Ikea", "Zara", "Fiat", "Abba", "Blur", "Queen", "Muse", "Toto",
-]
-
-
-def new_facts(count: int) -> list[Edit]:
-    """``count`` single-word facts about distinct subjects (the model has never seen any of them)."""
-    return [
-        Edit(f"e{i}", f"{SUBJECTS[i]}'s {RELATIONS[i % len(RELATIONS)]}:", " " + OBJECTS[(i * 7) % len(OBJECTS)])
-        for i in range(count)
-    ]
+from melo_testkit.facts import new_facts
 
 
 def tiny_qwen2():
-    """A tiny seeded Qwen2 (Llama layout with q/k/v biases), built like melo_runtime.tiny's models."""
+    """A tiny seeded Qwen2 (Llama layout with q/k/v biases), built like melo_runtime.tiny's models.
+
+    Its biases initialise to zero, so it computes exactly what a tiny Llama with the same weights does:
+    it is another draw of random weights, the case where the trainer once fell short (7/10, 34/40)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -51,15 +35,8 @@ def tiny_qwen2():
     return model.eval(), tokenizer
 
 
-QWEN2_MEASURED = pytest.mark.xfail(
-    strict=True,
-    reason="measured (issue 16): tiny random Qwen2 learns 7/10 and 34/40 within the default budget; the "
-    "others end not_learned (reported, keys not indexed). Not the 0-element reshape crash.",
-)
-
-
 @pytest.mark.parametrize("size", [10, 40])
-@pytest.mark.parametrize("family", ["gpt2", "llama", pytest.param("qwen2", marks=QWEN2_MEASURED)])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_every_edit_of_a_batch_is_learned_and_generated_with_the_shipped_preset(family, size):
     model, tokenizer = tiny_qwen2() if family == "qwen2" else tiny_model(family)
     # Tiny random models route similar prompts into one another's clusters; "split" keeps routing out
