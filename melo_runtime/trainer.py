@@ -171,16 +171,17 @@ def _fit(
     active = torch.arange(len(rows))  # positions in ``rows`` still training
     limit = max(config.max_iterations, config.iterations) if config.early_stop else config.iterations
     window: _Progress | None = None  # the active rows' progress when the window began
+    settle = _Margin(config, count)
     iterations = 0
     while True:
         row_loss, hits, right, gap = step.forward(everyone[active], block_of[active], trained)
         result.losses.append(float(row_loss.detach().mean()))
-        done = _done(hits, row_loss, config)
+        done = settle.done(hits, row_loss, block_of[active], iterations)
         if config.early_stop and bool(done.all()):
             if active.numel() == len(rows):
                 break
             row_loss, hits = _recheck(step, everyone, block_of, trained)
-            active = torch.nonzero(~_done(hits, row_loss, config)).squeeze(1)
+            active = torch.nonzero(~settle.done(hits, row_loss, block_of, iterations)).squeeze(1)
             if active.numel() == 0:
                 active = torch.arange(len(rows))  # every row learned, and ``row_loss`` covers them all
                 break
@@ -218,11 +219,27 @@ def _fit(
     return learned, losses
 
 
-def _done(hits: torch.Tensor, row_loss: torch.Tensor, config: MeloConfig) -> torch.Tensor:
-    """Rows that may leave training: target reproduced and, with ``margin_loss``, loss at most that."""
-    if config.margin_loss <= 0:
-        return hits
-    return hits & (row_loss.detach() <= config.margin_loss)
+class _Margin:
+    """Which rows may leave training. Without ``margin_loss``: a row whose target is reproduced. With
+    it: a right row also needs its loss <= ``margin_loss``, unless its block has been all right for
+    ``lr_step`` iterations already (a bounded consolidation: on a model whose logits are capped, a
+    tiny random one, the margin is out of reach and must not hold the block hostage)."""
+
+    def __init__(self, config: MeloConfig, count: int) -> None:
+        self.margin = config.margin_loss
+        self.patience = config.lr_step
+        self.right_since = torch.full((count,), -1, dtype=torch.long)  # per block; -1: not all right yet
+        self.count = count
+
+    def done(self, hits: torch.Tensor, row_loss: torch.Tensor, blocks: torch.Tensor, iteration: int) -> torch.Tensor:
+        if self.margin <= 0:
+            return hits
+        hits = hits.cpu()
+        all_right = ~_unfinished(blocks, hits, self.count)
+        fresh = blocks[all_right & (self.right_since[blocks] < 0)]
+        self.right_since[fresh] = iteration
+        settled = all_right & (iteration - self.right_since[blocks] >= self.patience)
+        return hits & ((row_loss.detach().cpu() <= self.margin) | settled)
 
 
 def _unfinished(blocks: torch.Tensor, hits: torch.Tensor, count: int) -> torch.Tensor:

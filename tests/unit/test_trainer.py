@@ -7,7 +7,7 @@ import torch
 
 from melo_runtime import Edit
 from melo_runtime.encoding import IGNORE
-from melo_runtime.trainer import _hold_still, _Progress, _progressed, _row_scores, train_block
+from melo_runtime.trainer import _hold_still, _Progress, _progressed, _row_scores, train_block, _Margin
 
 PROMPTS = ["The capital of France is", "Who wrote Hamlet?"]
 TARGETS = [" Lyon", " Marlowe"]
@@ -171,3 +171,32 @@ def test_the_margin_gap_sums_how_far_each_wrong_target_token_trails_the_best_oth
     _, hits, right, gap = _row_scores(logits, targets, torch.tensor([0, 0]), rows=1)
     assert hits.tolist() == [False] and right.tolist() == [1]
     assert torch.allclose(gap, torch.tensor([0.5]))
+
+
+def test_a_margin_trains_a_right_block_on_until_its_loss_is_low_and_never_past_its_patience():
+    # Block 0 becomes all right at iteration 3 with a loss above the margin; block 1 is right and low.
+    margin = _Margin(dataclasses.replace(_margin_config(), margin_loss=0.2, lr_step=5), count=2)
+    blocks = torch.tensor([0, 0, 1])
+    hits = torch.tensor([True, True, True])
+    losses = torch.tensor([0.5, 0.1, 0.1])
+    assert margin.done(hits, losses, blocks, iteration=3).tolist() == [False, True, True]
+    assert margin.done(hits, losses, blocks, iteration=7).tolist() == [False, True, True]
+    assert margin.done(hits, losses, blocks, iteration=8).tolist() == [True, True, True]  # patience spent
+    # A wrong row is never done, whatever its loss; without a margin "right" is enough.
+    assert margin.done(torch.tensor([False, True, True]), torch.zeros(3), blocks, 9).tolist() == [False, True, True]
+    plain = _Margin(_margin_config(), count=2)
+    assert plain.done(hits, losses, blocks, iteration=0).tolist() == [True, True, True]
+
+
+def _margin_config():
+    from melo_runtime.config import MeloConfig
+
+    return MeloConfig(task="generate", key_module="k", target_modules=["t"], rank_per_block=2, r_init=1.0, edits_per_block=2)
+
+
+def test_with_a_margin_a_real_block_ends_with_a_lower_loss_and_every_edit_learned(make_editor):
+    edits = [Edit(str(i), p, t) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+    plain = make_editor("llama", learnable=True, margin_loss=0.0).apply_batch(edits)
+    margin = make_editor("llama", learnable=True, margin_loss=0.05).apply_batch(edits)
+    assert all(plain.learned.values()) and all(margin.learned.values())
+    assert max(margin.edit_losses.values()) < max(plain.edit_losses.values())
