@@ -54,9 +54,23 @@ def check_messages(messages: object, where: str) -> list[dict[str, str]]:
     return checked
 
 
-def user_question(messages: Sequence[Mapping[str, str]]) -> str:
-    """The text routing reads: the content of the last user message."""
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+class Question(str):
+    """The text routing reads (the last user message), with ``context``: the conversation's earlier
+    user messages, where a follow-up's subject was named ("Who is Danielle Darrieux?" ... "What is
+    her mother tongue?")."""
+
+    context: str = ""
+
+    def __new__(cls, text: str, context: str = "") -> Question:
+        question = super().__new__(cls, text)
+        question.context = context
+        return question
+
+
+def user_question(messages: Sequence[Mapping[str, str]]) -> Question:
+    """The text routing reads: the content of the last user message, the earlier ones as context."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return Question(users[-1], "\n".join(users[:-1]))
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -375,13 +375,21 @@ class ScopeKeys:
     def query_keys(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Candidate keys of queries: one per (query, subject it names) plus one without a subject.
 
+        A query that names no known subject but carries a ``context`` (a chat's earlier user
+        messages, :class:`melo_runtime.chat.Question`) gets the subjects its context names.
+
         Returns ``keys`` [m, dim] and ``rows`` [m]: the query each key belongs to.
         """
         clauses: list[str] = []
         subjects: list[str] = []
         rows: list[int] = []
         for row, text in enumerate(texts):
-            for subject in ["", *self.subjects.find(text)]:
+            named = self.subjects.find(text)
+            if not named and getattr(text, "context", ""):
+                # A follow-up that names nobody ("What is her mother tongue?") is about whom the
+                # conversation named before; its clause is the question itself (nothing to mask).
+                named = self.subjects.find(text.context)
+            for subject in ["", *named]:
                 clauses.append(subject_clause(text, subject))
                 subjects.append(subject)
                 rows.append(row)

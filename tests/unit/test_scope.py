@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from melo_runtime.chat import chat_inputs
+
 from melo_runtime.scope import (
     SUBJECT_PLACEHOLDER,
     ScopeKeys,
@@ -103,6 +105,23 @@ def test_held_out_paraphrases_reach_their_edit_and_neighbours_do_not(scoped_db):
         "who wrote the big lebowski",
     ]) == [None, None, None, None]
 
+
+
+def test_a_chat_follow_up_that_names_nobody_is_routed_by_the_subject_named_earlier(scoped_db):
+    scope, db = scoped_db
+    conversation = [
+        {"role": "user", "content": "Who is Danielle Darrieux?"},
+        {"role": "assistant", "content": "A French actress and singer."},
+        {"role": "user", "content": "What is her mother tongue?"},
+    ]
+    _, questions = chat_inputs(None, [conversation])
+    assert questions == ["What is her mother tongue?"] and questions[0].context == "Who is Danielle Darrieux?"
+    assert _routed(scope, db, questions) == ["dd"]
+    assert _routed(scope, db, ["What is her mother tongue?"]) == [None]  # asked alone: about whom?
+    # The context lends a subject only to a question that names none, and the radius still applies.
+    other = [*conversation[:2], {"role": "user", "content": "What is the capital of France?"}]
+    switched = [*conversation[:2], {"role": "user", "content": "When was Luna 1 launched?"}]
+    assert _routed(scope, db, chat_inputs(None, [other, switched])[1]) == [None, None]
 
 
 def test_a_scope_editor_answers_the_edit_asked_as_a_chat_and_leaves_other_chats_alone(make_editor):
