@@ -106,7 +106,8 @@ class PipelineRun:
     versions: list[tuple[int, tuple[str, ...], float]]  # (version, edit ids, published at), in order
     train_seconds: dict[int, float]  # version -> block training seconds up to and including it
     receipts: Counter = field(default_factory=Counter)  # status -> receipts
-    skipped: set[str] = field(default_factory=set)  # rejected or duplicate edit ids
+    skipped: set[str] = field(default_factory=set)  # rejected, duplicate or not-learned edit ids
+    not_learned: set[str] = field(default_factory=set)  # edit ids settled by a not_learned receipt
     writer_started: float = 0.0  # time.time() when the writer's loop started (backbone loaded)
     writer_seconds: float = 0.0  # writer's loop start -> idle
 
@@ -194,6 +195,7 @@ def _account(result: PipelineRun, sent: list[str], records: Any, bootstrap: str,
             f"published but not recorded {sorted(published - recorded)[:10]}"
         )
     result.skipped = set(settled) - applied
+    result.not_learned = {edit_id for edit_id, status in settled.items() if status == "not_learned"}
 
 
 # --------------------------------------------------------------------------- which versions to score
@@ -280,6 +282,8 @@ def score_versions(
             published_seconds=checkpoint.published_at - pipeline.first_sent,
             train_seconds=pipeline.train_seconds.get(checkpoint.version),
             eval_seconds=time.perf_counter() - started,
+            # as the in-process replay counts them: edits so far that ended not_learned
+            not_learned=sum(case.edit_id in pipeline.not_learned for case in applied),
         )
         rows.append(row)
         tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

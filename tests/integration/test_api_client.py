@@ -28,7 +28,7 @@ def serves(client: MeloClient, version: int) -> None:
 def test_client_edits_waits_queries_retracts_and_rolls_back(melo):
     assert melo.model == MODEL
     assert melo.edit("sky", "The sky is", " green") == "sky"
-    status = melo.status("sky", wait=60)
+    status = melo.status("sky", wait=120)
     assert status.status == "applied" and status.version is not None and status.serving == status.version
     answer = melo.generate(["The sky is", "Numbers like 7"], max_new_tokens=6)
     assert answer.outputs[0].startswith(" green") and answer.routes[0] is not None and answer.routes[1] is None
