@@ -14,7 +14,9 @@ shared SmolLM2-135M-Instruct and reports, after the last batch (greedy decoding 
 * ``train_s``: seconds spent in apply_batch.
 
 Variants: ``paper`` (the former preset: hidden-state key, prompt rows only), ``scope`` (scope key,
-prompt rows only), ``scope+chat`` (and chat-form rows), ``scope+chat+prefix`` (and context prefixes).
+prompt rows only), ``scope+chat`` (and chat-form rows), ``+prefix``/``+prefix2`` (and 4 / 2 context
+prefixes), ``+margin`` (and ``margin_loss`` 0.1, the shipped preset), ``+6layers`` (blocks on the top 6
+layers). Variants without ``margin`` train with ``margin_loss`` 0, whatever the preset ships.
 
     python -m bench.generality_study --dataset zsre --n-edits 50
 """
@@ -37,14 +39,21 @@ from melo_runtime.chat import question_of
 from melo_runtime.presets import SCOPE_PRESET, preset_for
 from melo_runtime.edits import Edit
 
+def _scope(chat: bool, prefixes: int = 0, margin: float = 0.0) -> dict:
+    """A scope-key variant; every knob the study varies is set here, not inherited from the preset."""
+    return {**SCOPE_PRESET, "train_chat_form": chat, "train_context_prefixes": prefixes, "margin_loss": margin}
+
+
 VARIANTS = {
-    "paper": {"key_source": "hidden", "key_encoder": "", "train_chat_form": False, "train_context_prefixes": 0},
-    "scope": {**SCOPE_PRESET, "train_chat_form": False, "train_context_prefixes": 0},
-    "scope+chat": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
-    "scope+chat+prefix": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 4},
-    "scope+chat+prefix2": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 2},
-    "scope+chat+margin": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0, "margin_loss": 0.1},
-    "scope+chat+6layers": {**SCOPE_PRESET, "train_chat_form": True, "train_context_prefixes": 0},
+    "paper": {"key_source": "hidden", "key_encoder": "", "train_chat_form": False, "train_context_prefixes": 0,
+              "margin_loss": 0.0},
+    "scope": _scope(chat=False),
+    "scope+chat": _scope(chat=True),
+    "scope+chat+prefix": _scope(chat=True, prefixes=4),
+    "scope+chat+prefix2": _scope(chat=True, prefixes=2),
+    "scope+chat+margin": _scope(chat=True, margin=0.1),
+    "scope+chat+prefix2+margin": _scope(chat=True, prefixes=2, margin=0.1),
+    "scope+chat+6layers": _scope(chat=True),
 }
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
 LORA_LAYERS = {"scope+chat+6layers": 6}

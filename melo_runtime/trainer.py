@@ -221,9 +221,9 @@ def _fit(
 
 class _Margin:
     """Which rows may leave training. Without ``margin_loss``: a row whose target is reproduced. With
-    it: a right row also needs its loss <= ``margin_loss``, unless its block has been all right for
-    ``lr_step`` iterations already (a bounded consolidation: on a model whose logits are capped, a
-    tiny random one, the margin is out of reach and must not hold the block hostage)."""
+    it: a right row also needs its loss <= ``margin_loss``, unless ``lr_step`` iterations have passed
+    since its block was first all right (a bounded consolidation: on a model whose logits are capped,
+    a tiny random one, the margin is out of reach and must not hold the block hostage)."""
 
     def __init__(self, config: MeloConfig, count: int) -> None:
         self.margin = config.margin_loss
