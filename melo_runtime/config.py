@@ -68,8 +68,9 @@ class MeloConfig:
     train_context_prefixes: int = 0
     # Training budget (melo_runtime/trainer.py). ``edits_per_block`` also caps how many edits share one
     # block: a bigger batch trains several blocks at once. Past ``iterations``, training goes on while
-    # the rows still improve (loss, margin gap or right tokens), up to ``max_iterations``; edits still not learned are retrained up to
-    # ``retry_rounds`` times, each in a fresh block of its own (bench/RESULTS.md, "Every edit learned").
+    # the rows still improve (loss, margin gap or right tokens), up to ``max_iterations``; edits still
+    # not learned are retrained up to ``retry_rounds`` times, each in a fresh block of its own
+    # (bench/RESULTS.md, "Every edit learned").
     max_iterations: int = 300
     retry_rounds: int = 3
     # False (default): an edit not learned within that budget keeps no key and is reported not_learned.
