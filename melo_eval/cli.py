@@ -117,9 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra["grace"] = {"layer": method.layer, "eps": method.eps, "iterations": method.iterations, "lr": method.lr}
     evaluator = Evaluator(stream, tokenizer, generation=not args.no_generation)
     rows = replay(method, stream, evaluator, args.batch_size, args.every)
-    write_report(args.out, args, stream, rows, extra)
+    write_report(args.out, args, stream, rows, extra, details=evaluator.details)
     print(quality_table(rows))
-    print(f"wrote {args.out}/metrics.json, table.md, quality.png")
+    print(f"wrote {args.out}/metrics.json, table.md, quality.png" + (", details.jsonl" if evaluator.details else ""))
     return 0
 
 

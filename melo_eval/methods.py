@@ -78,6 +78,10 @@ class MeloMethod:
         """Per text: whether it is routed to an edit's block (else the base model answers it)."""
         return [route is not None for route in self.editor.route(list(texts))]
 
+    def blocks_of(self, texts: Sequence[str]) -> list[int | None]:
+        """Per text: the block it is routed to (None: the base model answers it)."""
+        return [None if route is None else route.block for route in self.editor.route(list(texts))]
+
     def perplexity(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
         """Target perplexity, routed per row."""
         return self.editor.perplexity(list(prompts), list(targets))

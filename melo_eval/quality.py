@@ -167,6 +167,7 @@ class Evaluator:
         self.base_locality_tf: list[float] = []
         self.base_labels: list[str] = []
         self.base_chat: list[str] = []  # the unedited model's chat replies to the locality probes
+        self.details: list[dict] = []  # per held-out rephrase at the latest checkpoint (rephrase_details)
 
     def record_base(self, method: EditMethod) -> None:
         """Before any edit: the outputs locality compares against."""
@@ -187,11 +188,17 @@ class Evaluator:
         return [(p.prompt, b) for p, b in zip(self.stream.locality, self.base_locality) if b.strip()]
 
     def _generation_metrics(self, method: EditMethod, prompts: list[str], targets: list[str]) -> tuple:
+        tf, generated = self._per_row(method, prompts, targets)
+        if generated is None:
+            return _mean(tf), None
+        return _mean(tf), _mean([float(exact_match(g, t)) for g, t in zip(generated, targets)])
+
+    def _per_row(self, method: EditMethod, prompts: list[str], targets: list[str]) -> tuple:
+        """Teacher-forced accuracy and (with generation) the greedy continuation of every row."""
         tf = method.score(prompts, targets)
         if not self.generation:
-            return _mean(tf), None
-        generated = method.generate(prompts, _target_tokens(self.tokenizer, targets) + 1)
-        return _mean(tf), _mean([float(exact_match(g, t)) for g, t in zip(generated, targets)])
+            return tf, None
+        return tf, method.generate(prompts, _target_tokens(self.tokenizer, targets) + 1)
 
     def evaluate(self, method: EditMethod, applied: list[EditCase], last_batch: list[EditCase]) -> dict:
         """All metrics for the edits applied so far."""
@@ -208,8 +215,11 @@ class Evaluator:
                 row["es_tf"], row["es_em"] = self._generation_metrics(method, prompts, targets)
                 pairs = [(r, c.target) for c in applied for r in c.rephrases]
                 if pairs:
-                    row["gen_tf"], row["gen_em"] = self._generation_metrics(
-                        method, [p for p, _ in pairs], [t for _, t in pairs])
+                    tf, generated = self._per_row(method, [p for p, _ in pairs], [t for _, t in pairs])
+                    row["gen_tf"] = _mean(tf)
+                    if generated is not None:
+                        row["gen_em"] = _mean([float(exact_match(g, t)) for g, (_, t) in zip(generated, pairs)])
+                        self.details = rephrase_details(method, applied, tf, generated)
                     self._chat(method, pairs, row)
             self._locality(method, row)
             if self.stream.retention or self.stream.name == "hallucination":
@@ -248,6 +258,31 @@ class Evaluator:
         row["es_ppl"], row["err_ppl"], row["arr_ppl"] = ppl(batch), ppl(applied), ppl(self.stream.retention)
         if self.stream.name == "hallucination":  # its locality probes are unedited Wikipedia text
             row["loc_ppl"] = ppl(self.stream.locality)
+
+
+def rephrase_details(method: EditMethod, applied: list[EditCase], tf: list[float], generated: list[str]) -> list[dict]:
+    """One record per held-out rephrase: its edit, the greedy answer, and (methods that route) the
+    block its edit's own prompt reaches beside the block the rephrase reaches.
+
+    ``miss`` names why a rephrase is not answered: ``None`` (answered), ``"routing"`` (it reaches
+    another block or none, so its edit's block never runs) or ``"block"`` (it reaches its edit's
+    block and the block does not give the target): the split between the scope decision and the
+    block's generalization.
+    """
+    pairs = [(c, r) for c in applied for r in c.rephrases]
+    blocks = getattr(method, "blocks_of", None)
+    own = blocks([c.prompt for c in applied]) if blocks else [None] * len(applied)
+    own_of = {c.edit_id: b for c, b in zip(applied, own)}
+    reached = blocks([r for _, r in pairs]) if blocks else [None] * len(pairs)
+    records = []
+    for (case, rephrase), score, answer, block in zip(pairs, tf, generated, reached):
+        right = exact_match(answer, case.target)
+        miss = None if right else ("block" if blocks and block is not None and block == own_of[case.edit_id] else
+                                    "routing" if blocks else "unknown")
+        records.append({"edit_id": case.edit_id, "subject": case.subject, "prompt": case.prompt,
+                        "target": case.target, "rephrase": rephrase, "answer": answer, "em": right,
+                        "tf": score, "edit_block": own_of[case.edit_id], "rephrase_block": block, "miss": miss})
+    return records
 
 
 # -- the replay loop ------------------------------------------------------------------------------
@@ -306,9 +341,10 @@ def quality_table(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
 
 
 def write_report(
-    out: Path, args: argparse.Namespace, stream: Stream, rows: list[dict], extra: dict, columns: Sequence[str] = COLUMNS
+    out: Path, args: argparse.Namespace, stream: Stream, rows: list[dict], extra: dict, columns: Sequence[str] = COLUMNS,
+    details: Sequence[dict] = (),
 ) -> None:
-    """metrics.json, table.md and the plots."""
+    """metrics.json, table.md, the plots and, when given, details.jsonl (rephrase_details of the last checkpoint)."""
     from melo_eval.plots import plot_quality
 
     out.mkdir(parents=True, exist_ok=True)
@@ -324,4 +360,8 @@ def write_report(
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "table.md").write_text(quality_table(rows, columns), encoding="utf-8")
+    if details:
+        with open(out / "details.jsonl", "w", encoding="utf-8") as handle:
+            for record in details:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     plot_quality(rows, out, title=f"{args.method} on {stream.name}")

@@ -86,3 +86,29 @@ def test_melo_eval_runs_on_a_checkpoint_directory_in_bfloat16(tmp_path):
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert code == 0 and report["rows"][-1]["n_edits"] == 2
     assert report["dtype"] == "bfloat16"
+
+
+def test_details_say_per_rephrase_whether_routing_or_the_block_missed(tmp_path):
+    from melo_eval.methods import MeloMethod
+    from melo_runtime.presets import preset_for
+
+    model, tokenizer = tiny_model("llama")
+    config = preset_for(model, "generate")
+    method = MeloMethod("melo", model, tokenizer, config)
+    stream = _stream()
+    evaluator = quality.Evaluator(stream, tokenizer, generation=True)
+    rows = quality.replay(method, stream, evaluator, batch_size=2, every=4)
+    details = evaluator.details
+    assert [d["rephrase"] for d in details] == [r for c in stream.cases for r in c.rephrases]
+    assert abs(sum(d["em"] for d in details) / len(details) - rows[-1]["gen_em"]) < 1e-9
+    blocks = method.blocks_of([c.prompt for c in stream.cases])
+    for record, case in zip(details, stream.cases):
+        assert record["edit_block"] == blocks[stream.cases.index(case)]
+        reached = method.blocks_of([record["rephrase"]])[0]
+        assert record["rephrase_block"] == reached
+        want = None if record["em"] else ("block" if reached is not None and reached == record["edit_block"] else "routing")
+        assert record["miss"] == want
+    args = cli.parse_args(["--out", str(tmp_path)])
+    quality.write_report(tmp_path, args, stream, rows, {}, details=details)
+    lines = (tmp_path / "details.jsonl").read_text().splitlines()
+    assert [json.loads(line)["edit_id"] for line in lines] == [d["edit_id"] for d in details]
