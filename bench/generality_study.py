@@ -54,9 +54,25 @@ VARIANTS = {
     "scope+chat+margin": _scope(chat=True, margin=0.1),
     "scope+chat+prefix2+margin": _scope(chat=True, prefixes=2, margin=0.1),
     "scope+chat+6layers": _scope(chat=True),
+    "scope+chat+margin+mid": _scope(chat=True, margin=0.1),
+    "scope+chat+margin+mid1": _scope(chat=True, margin=0.1),
+    "scope+chat+margin+lr2": {**_scope(chat=True, margin=0.1), "lr": 2e-2},
 }
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
 LORA_LAYERS = {"scope+chat+6layers": 6}
+# Variants whose blocks sit on middle layers instead (first layer, count; the same projections), where
+# ROME/MEMIT find a fact recalled at the subject's tokens whatever the wording around it; the
+# paper's key module (unused by the scope key) moves below them.
+MID_LAYERS = {"scope+chat+margin+mid": (9, 3), "scope+chat+margin+mid1": (10, 1)}
+
+
+def layer_targets(targets: list[str], first: int, count: int) -> list[str]:
+    """The preset's target projections on layers ``first`` .. ``first + count - 1``."""
+    parsed = [name.split(".") for name in targets]
+    index = next(i for i, part in enumerate(parsed[0]) if part.isdigit())
+    suffixes = sorted({".".join(p[index + 1 :]) for p in parsed})
+    stem = ".".join(parsed[0][:index])
+    return [f"{stem}.{layer}.{suffix}" for layer in range(first, first + count) for suffix in suffixes]
 
 
 def top_layer_targets(targets: list[str], layers: int) -> list[str]:
@@ -128,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = dataclasses.replace(preset, **VARIANTS[name])
         if name in LORA_LAYERS:
             config = dataclasses.replace(config, target_modules=top_layer_targets(config.target_modules, LORA_LAYERS[name]))
+        if name in MID_LAYERS:
+            first, count = MID_LAYERS[name]
+            stem = config.key_module.split(".")
+            index = next(i for i, part in enumerate(stem) if part.isdigit())
+            key = ".".join(stem[:index] + [str(first - 2)] + stem[index + 1 :])
+            config = dataclasses.replace(config, target_modules=layer_targets(config.target_modules, first, count),
+                                         key_module=key)
         if name == "paper":
             config = dataclasses.replace(config, r_init=preset_for(model, key_source="hidden").r_init)
         editor = MeloEditor(model, tokenizer, config)
