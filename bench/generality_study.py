@@ -57,9 +57,16 @@ VARIANTS = {
     "scope+chat+margin+mid": _scope(chat=True, margin=0.1),
     "scope+chat+margin+mid1": _scope(chat=True, margin=0.1),
     "scope+chat+margin+lr2": {**_scope(chat=True, margin=0.1), "lr": 2e-2},
+    "scope+chat+margin03": _scope(chat=True, margin=0.03),
+    "scope+chat+margin01": _scope(chat=True, margin=0.01),
+    # Fewer edits per block (a routed rephrase can wake a sibling edit of its block, measured on
+    # CounterFact): one edit per block at rank 1, and five per block at rank 2 (today's parameters).
+    "scope+chat+margin+edit1r1": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
+    "scope+chat+margin+edit1r1top": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
+    "scope+chat+margin+edit5r2": {**_scope(chat=True, margin=0.1), "edits_per_block": 5, "rank_per_block": 2},
 }
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
-LORA_LAYERS = {"scope+chat+6layers": 6}
+LORA_LAYERS = {"scope+chat+6layers": 6, "scope+chat+margin+edit1r1top": 1}
 # Variants whose blocks sit on middle layers instead (first layer, count; the same projections), where
 # ROME/MEMIT find a fact recalled at the subject's tokens whatever the wording around it; the
 # paper's key module (unused by the scope key) moves below them.
