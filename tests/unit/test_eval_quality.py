@@ -74,6 +74,8 @@ def test_melo_overrides_reach_the_editor_config():
     assert (config.conflict_policy, config.max_length_tokens, config.r_init, config.edits_per_block) == (
         "split", 512, 2.5, 7)
     assert quality.melo_config(model, "generate", cli.parse_args([])).conflict_policy == "split"  # the scope preset
+    one = quality.melo_config(model, "generate", cli.parse_args(["--batch-size", "10", "--edits-per-block", "1"]))
+    assert one.edits_per_block == 1
 
 
 def test_melo_eval_runs_on_a_checkpoint_directory_in_bfloat16(tmp_path):
