@@ -124,6 +124,14 @@ SCOPE_PRESET = {
 }
 
 
+# Blocks of the scope preset, per layout: (rank, edits per block). A block shared by ten edits answers
+# a reworded question with a *sibling's* target (zsRE dev, 1,000 edits: 60 of the 91 rephrases that
+# reached their block and missed said another edit's answer); one rank-1 block per edit does not,
+# and trains faster (SmolLM2, 100 edits: held-out rephrase 0.920, chat 0.980; bench/RESULTS.md
+# "One block per edit"). Measured on the decoder layout only; the others keep their own.
+SCOPE_BLOCKS = {"decoder": (1, 1)}
+
+
 @dataclass(frozen=True)
 class Preset:
     """A derived preset and how it was found (what ``melo preset`` prints)."""
@@ -188,13 +196,14 @@ def derive_preset(model: nn.Module, task: str | None = None, key_source: str | N
         raise ValueError(f"key_source={key_source!r} must be one of {KEY_SOURCES}")
     scope = SCOPE_PRESET if key_source == "scope" else {}
     median = float("nan") if scope else key_median_distance(model, layout.key)
+    rank, per_block = SCOPE_BLOCKS.get(layout.name, (layout.rank, layout.per_block)) if scope else (layout.rank, layout.per_block)
     config = MeloConfig(
         task=task,
         key_module=layout.key,
         target_modules=layout.targets,
-        rank_per_block=layout.rank,
+        rank_per_block=rank,
         r_init=scope["r_init"] if scope else round(layout.fraction * median, 6),
-        edits_per_block=layout.per_block,
+        edits_per_block=per_block,
         **{name: value for name, value in scope.items() if name != "r_init"},
     )
     return Preset(config, layout.name, layout.stack, layout.depth, layout.fraction, median)

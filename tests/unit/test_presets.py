@@ -27,8 +27,9 @@ def test_shipped_tiny_backbones_keep_their_official_layouts():
         "bert": ("bert.encoder.layer.4.output.dense", ["bert.encoder.layer.9.output.dense",
                  "bert.encoder.layer.10.output.dense", "bert.encoder.layer.11.output.dense"], 4, 50),
         "gpt2": ("transformer.h.3.mlp.c_fc", ["transformer.h.4.mlp.c_fc", "transformer.h.5.mlp.c_fc"], 2, 4),
+        # The scope preset gives a decoder one rank-1 block per edit (presets.SCOPE_BLOCKS).
         "llama": ("model.layers.2.mlp.up_proj", [f"model.layers.{i}.mlp.{p}" for i in (3, 4, 5)
-                  for p in ("up_proj", "down_proj")], 4, 10),
+                  for p in ("up_proj", "down_proj")], 1, 1),
         "t5": ("encoder.block.2.layer.1.DenseReluDense.wo", ["encoder.block.3.layer.1.DenseReluDense.wi",
                "encoder.block.3.layer.1.DenseReluDense.wo", "decoder.block.3.layer.2.DenseReluDense.wi",
                "decoder.block.3.layer.2.DenseReluDense.wo"], 2, 100),
@@ -117,3 +118,11 @@ def test_architecture_without_a_layer_stack_is_one_error_naming_the_settings_to_
 def test_task_that_does_not_fit_the_head_is_rejected():
     with pytest.raises(ValueError, match="classify needs a sequence-classification head"):
         derive_preset(_model("llama"), "classify")
+
+
+def test_the_paper_key_keeps_the_decoder_layout_of_ten_edits_per_block():
+    model = tiny_model("llama")[0]
+    hidden = preset_for(model, key_source="hidden")
+    assert (hidden.rank_per_block, hidden.edits_per_block) == (4, 10)
+    scope = preset_for(model)
+    assert (scope.key_source, scope.rank_per_block, scope.edits_per_block) == ("scope", 1, 1)
