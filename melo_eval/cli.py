@@ -61,7 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     melo.add_argument("--lr", type=float)
     melo.add_argument("--rank", type=int, help="rank per block (MELO) / LoRA rank (lora)")
     melo.add_argument("--edits-per-block", type=int,
-                      help="most edits one block holds (default: --batch-size, one block per micro-batch)")
+                      help="most edits one block holds (default: the preset's; a micro-batch trains "
+                           "ceil(batch / edits-per-block) blocks)")
     melo.add_argument("--key-module")
     melo.add_argument("--target-modules", help="comma-separated module names")
     melo.add_argument("--no-early-stop", action="store_true")

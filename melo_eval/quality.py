@@ -97,7 +97,9 @@ def melo_config(model, task: str, args: argparse.Namespace):
         "rank_per_block": args.rank,
         "key_module": args.key_module,
         "target_modules": args.target_modules.split(",") if args.target_modules else None,
-        "edits_per_block": getattr(args, "edits_per_block", None) or args.batch_size,
+        # The preset's own capacity per block unless asked: the micro-batch size is independent of it
+        # (the trainer gives a batch ceil(batch / edits_per_block) blocks).
+        "edits_per_block": getattr(args, "edits_per_block", None),
         "max_length_tokens": args.max_length_tokens,
         "conflict_policy": args.conflict_policy,
         "seed": args.seed,

@@ -69,13 +69,14 @@ def test_quality_table_shows_only_columns_with_values():
 def test_melo_overrides_reach_the_editor_config():
     model, _ = tiny_model("llama")
     args = cli.parse_args(["--conflict-policy", "split", "--max-length-tokens", "512", "--r-init", "2.5",
-                               "--batch-size", "7"])
+                               "--batch-size", "7", "--edits-per-block", "3"])
     config = quality.melo_config(model, "generate", args)
     assert (config.conflict_policy, config.max_length_tokens, config.r_init, config.edits_per_block) == (
-        "split", 512, 2.5, 7)
+        "split", 512, 2.5, 3)
     assert quality.melo_config(model, "generate", cli.parse_args([])).conflict_policy == "split"  # the scope preset
-    one = quality.melo_config(model, "generate", cli.parse_args(["--batch-size", "10", "--edits-per-block", "1"]))
-    assert one.edits_per_block == 1
+    # The micro-batch size does not change the preset's capacity per block.
+    preset = quality.melo_config(model, "generate", cli.parse_args([])).edits_per_block
+    assert quality.melo_config(model, "generate", cli.parse_args(["--batch-size", "10"])).edits_per_block == preset
 
 
 def test_melo_eval_runs_on_a_checkpoint_directory_in_bfloat16(tmp_path):
