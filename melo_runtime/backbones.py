@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from melo_runtime.pretrained import load_minilm, load_smollm2, normalized_labels
+from melo_runtime.rng import GLOBAL_RNG_LOCK, seeded
 from melo_runtime.tiny import DEFAULT_LABELS, tiny_model
 
 BACKBONES: dict[str, str] = {
@@ -91,15 +92,18 @@ def load_backbone(
     torch_dtype = _dtype(dtype)
     target = resolve_device(device)
     source = str(name_or_path)
-    if source in BACKBONES:
-        model, tokenizer = _shipped(source, task, labels, cache_dir, torch_dtype or torch.float32)
-        model.to(torch_dtype or torch.float32)
-    else:
-        path = _checkpoint_path(source)
-        if path.is_file():
-            model, tokenizer = _gguf(path, task, labels, torch_dtype)
+    # Loading draws from torch's global generator (modules are initialised before their weights
+    # arrive): hold the lock so no seeded construction in another thread sees those draws.
+    with GLOBAL_RNG_LOCK:
+        if source in BACKBONES:
+            model, tokenizer = _shipped(source, task, labels, cache_dir, torch_dtype or torch.float32)
+            model.to(torch_dtype or torch.float32)
         else:
-            model, tokenizer = _directory(path, task, labels, torch_dtype, trust_remote_code)
+            path = _checkpoint_path(source)
+            if path.is_file():
+                model, tokenizer = _gguf(path, task, labels, torch_dtype)
+            else:
+                model, tokenizer = _directory(path, task, labels, torch_dtype, trust_remote_code)
     model.to(target)
     model.eval()
     return model, tokenizer
@@ -247,8 +251,7 @@ def _classifier(path: Path, config, labels, options: dict) -> PreTrainedModel:
             "label2id": {name: i for i, name in enumerate(names)},
             "ignore_mismatched_sizes": True,
         }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a head drawn here is the same in every process
+    with seeded(0):  # a head drawn here is the same in every process
         model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **options, **extra)
     fresh_head = bool(info["missing_keys"]) or bool(info.get("mismatched_keys"))
     if keep_head and fresh_head and labels is None:

@@ -26,6 +26,7 @@ from melo_runtime.block_lora import BlockFactors
 from melo_runtime.chat import Prompt, chat_inputs
 from melo_runtime.config import MeloConfig
 from melo_runtime.edits import BatchResult, Edit, Route, normalize_label
+from melo_runtime.rng import seeded
 from melo_runtime.encoding import IGNORE, TeacherForced, TextEncoder, loss_and_hits
 from melo_runtime.families import is_classifier, model_device
 from melo_runtime.keys import hidden_keys
@@ -59,8 +60,7 @@ def _sampling(active: bool, seed: int | None) -> Iterator[None]:
             yield
             return
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed, devices):
             yield
 
 

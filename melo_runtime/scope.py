@@ -39,6 +39,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from melo_runtime.chat import question_of
+from melo_runtime.rng import GLOBAL_RNG_LOCK
 
 SUBJECT_DIM = 64
 SUBJECT_SCALE = 4.0
@@ -275,7 +276,8 @@ class SentenceEncoder:
         # a question after a preamble); keeping the start would give inputs that share a long
         # opening the same key (measured on the hallucination stream: 8 of 10 edits forgotten).
         self.tokenizer.truncation_side = "left"
-        self.model = AutoModel.from_pretrained(root, dtype=torch.float32).eval()
+        with GLOBAL_RNG_LOCK:  # from_pretrained draws from the global generator (melo_runtime/rng.py)
+            self.model = AutoModel.from_pretrained(root, dtype=torch.float32).eval()
         self.pooling = _pooling_mode(root)
         self.dim = int(self.model.config.hidden_size)
         self._identity: EncoderIdentity | None = None

@@ -19,7 +19,6 @@ import string
 import unicodedata
 from collections.abc import Sequence
 
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import (
     BertConfig,
@@ -33,6 +32,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from melo_runtime.rng import seeded
 
 FAMILIES = ("bert", "gpt2", "llama", "t5")
 DEFAULT_LABELS = ("negative", "positive")
@@ -105,8 +106,7 @@ def tiny_model(
     tokenizer = tiny_tokenizer()
     config = _config(family, tokenizer, labels)
     # Build under a forked RNG so a seeded construction neither depends on nor disturbs global state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = _MODEL_CLASSES[family](config)
     model.eval()
     return model, tokenizer

@@ -85,3 +85,28 @@ def test_unsupported_family_or_task_is_rejected_with_the_value():
         tiny_model("opt")
     with pytest.raises(ValueError, match="'generate'"):
         tiny_model("bert", task="generate")
+
+
+def test_a_tiny_model_is_the_same_while_another_thread_draws_random_numbers():
+    import threading
+
+    import torch
+
+    from melo_runtime.pretrained import backbone_fingerprint
+    from melo_runtime.rng import GLOBAL_RNG_LOCK
+
+    expected = backbone_fingerprint(tiny_model("gpt2")[0])
+    stop = threading.Event()
+
+    def draw() -> None:  # what from_pretrained does in a writer thread: initialise, i.e. draw
+        while not stop.is_set():
+            with GLOBAL_RNG_LOCK:
+                torch.rand(256)
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        assert [backbone_fingerprint(tiny_model("gpt2")[0]) for _ in range(3)] == [expected] * 3
+    finally:
+        stop.set()
+        thread.join(5)
