@@ -3,6 +3,8 @@
 import json
 
 from bench import perf_routing, perf_train, perf_train_step
+from melo_runtime.presets import preset_for
+from melo_runtime.tiny import tiny_model
 
 
 def test_perf_train_times_naive_before_and_ours_per_batch_size(tmp_path):
@@ -55,5 +57,6 @@ def test_perf_routing_routes_every_timed_row_once_edits_are_indexed(tmp_path):
     rows = json.loads((tmp_path / "perf_routing.json").read_text())["rows"]
     assert rows[0]["rows_routed"] == 0 and rows[0]["clusters"] == 0
     assert rows[1]["rows_routed"] == 4 and rows[1]["clusters"] == 40
-    assert rows[1]["blocks"] == 4  # 40 edits at the Llama preset's 10 edits per block
+    per_block = preset_for(tiny_model("llama")[0]).edits_per_block  # 1 with the scope preset
+    assert rows[1]["blocks"] == -(-40 // per_block)
     assert all(r["ratio"] > 0 for r in rows)
