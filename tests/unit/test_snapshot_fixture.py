@@ -46,7 +46,13 @@ def test_an_old_snapshot_routes_every_probe_as_when_it_was_written(snapshot):
     model, tokenizer = tiny_model("gpt2")
     editor = MeloEditor.from_files(files, model, tokenizer)
     routes = [None if r is None else dataclasses.asdict(r) for r in editor.route(expected["probes"])]
-    assert routes == expected["routes"]
+    # Block and cluster exactly; the distance to within float32 rounding (a probe equal to an edit
+    # key is ~1e-7 from it, and that noise moves with the BLAS build).
+    assert [None if r is None else (r["block"], r["cluster"]) for r in routes] == [
+        None if r is None else (r["block"], r["cluster"]) for r in expected["routes"]]
+    for got, want in zip(routes, expected["routes"]):
+        if want is not None:
+            assert got["distance"] == pytest.approx(want["distance"], abs=1e-5)
     assert editor.stats() == expected["stats"]
 
 

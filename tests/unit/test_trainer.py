@@ -41,10 +41,12 @@ def test_prefix_caching_gives_the_same_loss_curve_and_block_as_full_recomputatio
     assert len(cached.losses) == len(full.losses) == 9
     assert torch.allclose(torch.tensor(cached.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
     assert cached.losses[-1] < cached.losses[0]
-    assert len(cached.blocks) == len(full.blocks) == 1
-    for name, (a, b) in cached.blocks[0].items():
-        assert torch.allclose(a, full.blocks[0][name][0], atol=1e-5)
-        assert torch.allclose(b, full.blocks[0][name][1], atol=1e-5)
+    # One block per edits_per_block rows (the scope preset gives a decoder one block per edit).
+    assert len(cached.blocks) == len(full.blocks) == -(-len(PROMPTS) // editor.config.edits_per_block)
+    for block, reference in zip(cached.blocks, full.blocks, strict=True):
+        for name, (a, b) in block.items():
+            assert torch.allclose(a, reference[name][0], atol=1e-5)
+            assert torch.allclose(b, reference[name][1], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
