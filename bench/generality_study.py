@@ -73,10 +73,15 @@ LORA_LAYERS = {"scope+chat+6layers": 6, "scope+chat+margin+edit1r1top": 1}
 MID_LAYERS = {"scope+chat+margin+mid": (9, 3), "scope+chat+margin+mid1": (10, 1)}
 
 
+def _layer_index(name: str) -> int:
+    """Position of the layer number among the dot-separated parts of ``name`` (``model.layers.29.mlp`` -> 2)."""
+    return next(i for i, part in enumerate(name.split(".")) if part.isdigit())
+
+
 def layer_targets(targets: list[str], first: int, count: int) -> list[str]:
     """The preset's target projections on layers ``first`` .. ``first + count - 1``."""
     parsed = [name.split(".") for name in targets]
-    index = next(i for i, part in enumerate(parsed[0]) if part.isdigit())
+    index = _layer_index(targets[0])
     suffixes = sorted({".".join(p[index + 1 :]) for p in parsed})
     stem = ".".join(parsed[0][:index])
     return [f"{stem}.{layer}.{suffix}" for layer in range(first, first + count) for suffix in suffixes]
@@ -84,12 +89,9 @@ def layer_targets(targets: list[str], first: int, count: int) -> list[str]:
 
 def top_layer_targets(targets: list[str], layers: int) -> list[str]:
     """The preset's target projections on the top ``layers`` layers (names like ``model.layers.29.mlp.up_proj``)."""
-    parsed = [name.split(".") for name in targets]
-    index = next(i for i, part in enumerate(parsed[0]) if part.isdigit())
-    top = max(int(p[index]) for p in parsed)
-    suffixes = sorted({".".join(p[index + 1 :]) for p in parsed})
-    stem = ".".join(parsed[0][:index])
-    return [f"{stem}.{layer}.{suffix}" for layer in range(top - layers + 1, top + 1) for suffix in suffixes]
+    index = _layer_index(targets[0])
+    top = max(int(name.split(".")[index]) for name in targets)
+    return layer_targets(targets, top - layers + 1, layers)
 
 
 def chat(question: str) -> list[dict[str, str]]:
@@ -153,9 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(config, target_modules=top_layer_targets(config.target_modules, LORA_LAYERS[name]))
         if name in MID_LAYERS:
             first, count = MID_LAYERS[name]
-            stem = config.key_module.split(".")
-            index = next(i for i, part in enumerate(stem) if part.isdigit())
-            key = ".".join(stem[:index] + [str(first - 2)] + stem[index + 1 :])
+            parts, index = config.key_module.split("."), _layer_index(config.key_module)
+            key = ".".join(parts[:index] + [str(first - 2)] + parts[index + 1 :])
             config = dataclasses.replace(config, target_modules=layer_targets(config.target_modules, first, count),
                                          key_module=key)
         if name == "paper":

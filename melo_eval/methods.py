@@ -76,7 +76,7 @@ class MeloMethod:
 
     def routed(self, texts: Sequence[str]) -> list[bool]:
         """Per text: whether it is routed to an edit's block (else the base model answers it)."""
-        return [route is not None for route in self.editor.route(list(texts))]
+        return [block is not None for block in self.blocks_of(texts)]
 
     def blocks_of(self, texts: Sequence[str]) -> list[int | None]:
         """Per text: the block it is routed to (None: the base model answers it)."""

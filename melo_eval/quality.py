@@ -155,6 +155,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _exact_rate(generated: Sequence[str], targets: Sequence[str]) -> float | None:
+    """Share of greedy continuations that are an exact match of their target."""
+    return _mean([float(exact_match(g, t)) for g, t in zip(generated, targets)])
+
+
 def _target_tokens(tokenizer, targets: Sequence[str]) -> int:
     return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
 
@@ -191,9 +196,7 @@ class Evaluator:
 
     def _generation_metrics(self, method: EditMethod, prompts: list[str], targets: list[str]) -> tuple:
         tf, generated = self._per_row(method, prompts, targets)
-        if generated is None:
-            return _mean(tf), None
-        return _mean(tf), _mean([float(exact_match(g, t)) for g, t in zip(generated, targets)])
+        return _mean(tf), None if generated is None else _exact_rate(generated, targets)
 
     def _per_row(self, method: EditMethod, prompts: list[str], targets: list[str]) -> tuple:
         """Teacher-forced accuracy and (with generation) the greedy continuation of every row."""
@@ -220,7 +223,7 @@ class Evaluator:
                     tf, generated = self._per_row(method, [p for p, _ in pairs], [t for _, t in pairs])
                     row["gen_tf"] = _mean(tf)
                     if generated is not None:
-                        row["gen_em"] = _mean([float(exact_match(g, t)) for g, (_, t) in zip(generated, pairs)])
+                        row["gen_em"] = _exact_rate(generated, [t for _, t in pairs])
                         self.details = rephrase_details(method, applied, tf, generated)
                     self._chat(method, pairs, row)
             self._locality(method, row)
@@ -279,8 +282,12 @@ def rephrase_details(method: EditMethod, applied: list[EditCase], tf: list[float
     records = []
     for (case, rephrase), score, answer, block in zip(pairs, tf, generated, reached):
         right = exact_match(answer, case.target)
-        miss = None if right else ("block" if blocks and block is not None and block == own_of[case.edit_id] else
-                                    "routing" if blocks else "unknown")
+        if right:
+            miss = None
+        elif not blocks:
+            miss = "unknown"  # a method that does not route
+        else:
+            miss = "block" if block is not None and block == own_of[case.edit_id] else "routing"
         records.append({"edit_id": case.edit_id, "subject": case.subject, "prompt": case.prompt,
                         "target": case.target, "rephrase": rephrase, "answer": answer, "em": right,
                         "tf": score, "edit_block": own_of[case.edit_id], "rephrase_block": block, "miss": miss})

@@ -196,7 +196,9 @@ def derive_preset(model: nn.Module, task: str | None = None, key_source: str | N
         raise ValueError(f"key_source={key_source!r} must be one of {KEY_SOURCES}")
     scope = SCOPE_PRESET if key_source == "scope" else {}
     median = float("nan") if scope else key_median_distance(model, layout.key)
-    rank, per_block = SCOPE_BLOCKS.get(layout.name, (layout.rank, layout.per_block)) if scope else (layout.rank, layout.per_block)
+    rank, per_block = layout.rank, layout.per_block
+    if scope:
+        rank, per_block = SCOPE_BLOCKS.get(layout.name, (rank, per_block))
     config = MeloConfig(
         task=task,
         key_module=layout.key,
