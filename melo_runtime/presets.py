@@ -125,8 +125,8 @@ SCOPE_PRESET = {
 
 
 # Blocks of the scope preset, per layout: (rank, edits per block). A block shared by ten edits answers
-# a reworded question with a *sibling's* target (zsRE dev, 1,000 edits: 60 of the 91 rephrases that
-# reached their block and missed said another edit's answer); one rank-1 block per edit does not,
+# a reworded question with a *sibling's* target (zsRE dev, 1,000 edits: 54 of the 91 rephrases that
+# reached their block and missed said a same-block sibling's answer); one rank-1 block per edit does not,
 # and trains faster (SmolLM2, 100 edits: held-out rephrase 0.920, chat 0.980; bench/RESULTS.md
 # "One block per edit"). Measured on the decoder layout only; the others keep their own.
 SCOPE_BLOCKS = {"decoder": (1, 1)}
