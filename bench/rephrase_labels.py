@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("details", type=Path, help="details.jsonl of a `melo eval --dataset counterfact` run")
     parser.add_argument("--labels", type=Path, default=LABELS)
     args = parser.parse_args(argv)
+    missing = [str(path) for path in (args.details, args.labels) if not path.is_file()]
+    if missing:
+        print(f"python -m bench.rephrase_labels: no such file {', '.join(missing)} (a `melo eval` run writes details.jsonl in its --out)")
+        return 2
     print(table(score(read_jsonl(args.details), read_jsonl(args.labels))))
     return 0
 

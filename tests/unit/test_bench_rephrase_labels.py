@@ -31,3 +31,8 @@ def test_shipped_labels_cover_300_counterfact_edits():
     rows = rephrase_labels.read_jsonl(rephrase_labels.LABELS)
     assert len(rows) == 300 and len({r["case_id"] for r in rows}) == 300  # the file's first 300 records
     assert {r["label"] for r in rows} <= set(rephrase_labels.KINDS)
+
+
+def test_a_missing_details_file_is_a_clear_message_and_exit_2(tmp_path, capsys):
+    assert rephrase_labels.main([str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().out
