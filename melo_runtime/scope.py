@@ -14,8 +14,9 @@ key has two parts, and the vector DB indexes their concatenation:
 two different subjects are at least ~SUBJECT_SCALE apart, far outside any cluster radius, so the
 paper's cluster rules (add / expand / conflict / forget) only ever compare edits about one subject:
 a neighbour is never a conflict, a re-edit of the same question still supersedes. A query has no
-known subject, so it is searched once per known subject whose words it contains (and once with the
-zero code, which reaches edits made without a subject); the nearest hit inside its cluster wins.
+known subject, so it is searched once per known subject whose words it contains (and, once some edit
+has no subject, with the zero code, which reaches only such edits); the nearest hit inside its
+cluster wins.
 
 The subject comes from the edit event (``subject``: knowledge-graph feeds, zsRE and CounterFact carry
 it) or, when absent, from :func:`infer_subject` (the longest run of capitalized words or numbers).
@@ -330,8 +331,21 @@ class ScopeKeys:
 
     def __init__(self, encoder: SentenceEncoder, subjects: Iterable[str] = ()) -> None:
         self.encoder = encoder
-        self.subjects = SubjectIndex(subjects)
+        self.subjects = SubjectIndex()
+        # Whether any edit was indexed without a subject (zero code). Only then can a query's
+        # subject-less candidate key reach an edit: a coded key is >= SUBJECT_SCALE from it, beyond
+        # any radius. Without such edits that candidate is not embedded at all, which halves the
+        # encoder's work per routed query and skips it for queries that name no edited subject.
+        self.anonymous = False
+        self._add(subjects)
         self.dim = encoder.dim + SUBJECT_DIM
+
+    def _add(self, subjects: Iterable[str]) -> None:
+        for subject in subjects:
+            if subject:
+                self.subjects.add(subject)
+            else:
+                self.anonymous = True
 
     def edit_keys(self, texts: Sequence[str], subjects: Sequence[str]) -> np.ndarray:
         """Keys [n, dim] of edit texts, each with its edit's normalized subject (``""``: none)."""
@@ -341,11 +355,10 @@ class ScopeKeys:
     def with_subjects(self, subjects: Iterable[str]) -> ScopeKeys:
         """A copy that also knows ``subjects`` (of newly applied edits); this one is unchanged, so
         readers holding it keep a consistent view while a writer prepares the next."""
-        index = self.subjects.copy()
-        for subject in subjects:
-            index.add(subject)
         clone = ScopeKeys(self.encoder)
-        clone.subjects = index
+        clone.subjects = self.subjects.copy()
+        clone.anonymous = self.anonymous
+        clone._add(subjects)
         return clone
 
     def to_dict(self) -> dict[str, Any]:
@@ -356,6 +369,7 @@ class ScopeKeys:
             "subject_dim": SUBJECT_DIM,
             "subject_scale": SUBJECT_SCALE,
             "subjects": self.subjects.subjects(),
+            "anonymous_edits": self.anonymous,
         }
 
     def restored(self, data: dict[str, Any]) -> ScopeKeys:
@@ -372,13 +386,18 @@ class ScopeKeys:
             )
         if (data.get("subject_dim"), data.get("subject_scale")) != (SUBJECT_DIM, SUBJECT_SCALE):
             raise ValueError("scope.json uses another subject code layout; re-apply the edits with this runtime")
-        return self.with_subjects(data.get("subjects", []))
+        clone = self.with_subjects(data.get("subjects", []))
+        # A scope.json written before the flag existed may hold edits without a subject: search them.
+        clone.anonymous = bool(data.get("anonymous_edits", True))
+        return clone
 
     def query_keys(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Candidate keys of queries: one per (query, subject it names) plus one without a subject.
 
         A query that names no known subject but carries a ``context`` (a chat's earlier user
-        messages, :class:`melo_runtime.chat.Question`) gets the subjects its context names.
+        messages, :class:`melo_runtime.chat.Question`) gets the subjects its context names. The key
+        without a subject is made only when some edit has none (:attr:`anonymous`); a query with no
+        candidate is not embedded at all.
 
         Returns ``keys`` [m, dim] and ``rows`` [m]: the query each key belongs to.
         """
@@ -391,7 +410,7 @@ class ScopeKeys:
                 # A follow-up that names nobody ("What is her mother tongue?") is about whom the
                 # conversation named before; its clause is the question itself (nothing to mask).
                 named = self.subjects.find(text.context)
-            for subject in ["", *named]:
+            for subject in ([""] if self.anonymous else []) + named:
                 clauses.append(subject_clause(text, subject))
                 subjects.append(subject)
                 rows.append(row)

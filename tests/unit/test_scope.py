@@ -247,3 +247,33 @@ def test_the_clause_drops_a_qa_wrapper_so_a_prompt_and_its_chat_question_embed_a
     # Without this, "A" after a subject was taken for the article "a" and masked with it.
     assert subject_clause("Q: What is the home ground of Ajax A:", "ajax") == f"What is the home ground of {SUBJECT_PLACEHOLDER}"
     assert subject_clause("Q: Who founded Ajax? A:", "ajax") == subject_clause("Who founded Ajax?", "ajax")
+
+
+def test_the_subjectless_key_is_embedded_only_once_some_edit_has_no_subject(make_editor):
+    import json
+
+    from melo_runtime.tiny import tiny_model
+
+    scope = ScopeKeys(load_encoder("minilm-l6")).with_subjects(["unifirst"])
+    keys, rows = scope.query_keys(["What will be the product of UniFirst?", "who wrote the big lebowski"])
+    assert not scope.anonymous and rows.tolist() == [0]  # one candidate: the subject the query names
+    assert np.allclose(keys[0, -64:], subject_code("unifirst"))
+    both = scope.with_subjects([""])
+    assert both.anonymous and not scope.anonymous  # a copy: readers of the old one are unaffected
+    assert both.query_keys(["What will be the product of UniFirst?", "who wrote the big lebowski"])[1].tolist() == [0, 0, 1]
+
+    editor = make_editor("gpt2", index_not_learned=True)  # routing only
+    editor.apply_batch([Edit("anon", "what is the product made by the firm", " uniforms")])  # no named subject
+    assert editor.route(["what will be the product made by the firm"])[0] is not None
+    files = editor.export_files()
+    assert json.loads(files["scope.json"])["anonymous_edits"] is True
+    model, tokenizer = tiny_model("gpt2")
+    assert MeloEditor.from_files(files, model, tokenizer).route(["what will be the product made by the firm"]) == (
+        editor.route(["what will be the product made by the firm"])
+    )
+    # A scope.json written before the flag existed may hold subject-less edits: they are still searched.
+    stored = json.loads(files["scope.json"])
+    del stored["anonymous_edits"]
+    files["scope.json"] = json.dumps(stored).encode()
+    model, tokenizer = tiny_model("gpt2")
+    assert MeloEditor.from_files(files, model, tokenizer).route(["what will be the product made by the firm"])[0] is not None
