@@ -24,6 +24,7 @@ layers). Variants without ``margin`` train with ``margin_loss`` 0, whatever the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -129,6 +130,19 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
     }
 
 
+@contextlib.contextmanager
+def scaled_deltas(editor: MeloEditor, scale: float):
+    """Serve with every block's delta multiplied by ``scale`` (its B factors), restored afterwards."""
+    factors = list(editor._factors.values())  # noqa: SLF001 -- a study knob, not a runtime feature
+    for layer in factors:
+        layer.b.mul_(scale)
+    try:
+        yield
+    finally:
+        for layer in factors:
+            layer.b.div_(scale)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.generality_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default="zsre")
@@ -137,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
+    parser.add_argument("--delta-scales", default="1",
+                        help="comma-separated factors on every block's delta at serving (1 = as trained)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone("smollm2-135m")
@@ -170,9 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch = stream.cases[start : start + 10]
             editor.apply_batch([Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in batch])
         seconds = time.perf_counter() - started
-        r = evaluate(editor, stream, base_loc, base_chat_loc)
-        print(f"| {name} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['gen_given_routed']:.3f} | {r['chat']:.3f} | "
-              f"{r['loc']:.3f} | {r['chat_loc']:.3f} | {seconds:.0f} |", flush=True)
+        for scale in [float(x) for x in args.delta_scales.split(",")]:
+            with scaled_deltas(editor, scale):
+                r = evaluate(editor, stream, base_loc, base_chat_loc)
+            label = name if scale == 1 else f"{name} x{scale:g}"
+            print(f"| {label} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['gen_given_routed']:.3f} | {r['chat']:.3f} | "
+                  f"{r['loc']:.3f} | {r['chat_loc']:.3f} | {seconds:.0f} |", flush=True)
     return 0
 
 
