@@ -65,7 +65,12 @@ VARIANTS = {
     "scope+chat+margin+edit1r1": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
     "scope+chat+margin+edit1r1top": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
     "scope+chat+margin+edit5r2": {**_scope(chat=True, margin=0.1), "edits_per_block": 5, "rank_per_block": 2},
+    # Also trained on the stream's own wordings of the same question: earlier edits' prompts whose
+    # masked question is within MINED_RADIUS of this edit's, asked about this edit's subject.
+    "scope+chat+margin+mined": _scope(chat=True, margin=0.1),
 }
+MINED = {"scope+chat+margin+mined"}
+MINED_RADIUS, MINED_MAX = 0.5, 4
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
 LORA_LAYERS = {"scope+chat+6layers": 6, "scope+chat+margin+edit1r1top": 1}
 # Variants whose blocks sit on middle layers instead (first layer, count; the same projections), where
@@ -130,6 +135,70 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
     }
 
 
+class MinedRows:
+    """Extra training rows from the stream's other wordings of an edit's question (see MINED)."""
+
+    HOLE = "\x00"
+
+    def __init__(self, editor: MeloEditor, subjects: dict[str, str]) -> None:
+        self.editor = editor
+        self.subjects = subjects  # edit id -> the subject as written
+        self.templates: list[str] = []  # earlier prompts with their subject replaced by HOLE
+        self.embeddings: list = []
+        self.original = editor._training_rows  # noqa: SLF001
+        editor._training_rows = self.rows  # noqa: SLF001
+
+    def rows(self, rows):
+        import numpy as np
+
+        from melo_runtime.augment import TrainingRow
+        from melo_runtime.scope import subject_clause
+
+        encoder = self.editor._scope.encoder  # noqa: SLF001
+        clauses = encoder.encode([subject_clause(r.text, r.subject) for r in rows])
+        extra = []
+        pool = np.stack(self.embeddings) if self.embeddings else np.zeros((0, clauses.shape[1]), np.float32)
+        for row, embedding in zip(rows, clauses):
+            if not row.subject or not len(pool):
+                continue
+            distance = np.sqrt(np.maximum(0.0, 2 - 2 * pool @ embedding))
+            own = mask_subject(row.text, row.subject, self.HOLE)
+            picked = dict.fromkeys(self.templates[i] for i in np.argsort(distance) if distance[i] <= MINED_RADIUS)
+            picked.pop(own, None)
+            for template in list(picked)[:MINED_MAX]:
+                text = template.replace(self.HOLE, self.subjects[row.edit_id])
+                extra.append(TrainingRow(row.edit_id, text, row.target, indexed=False))
+        for row, embedding in zip(rows, clauses):
+            if row.subject and self.HOLE in mask_subject(row.text, row.subject, self.HOLE):
+                self.templates.append(mask_subject(row.text, row.subject, self.HOLE))
+                self.embeddings.append(embedding)
+        return self.original(rows) + extra
+
+    def observe(self, prompts: list[str], subjects: list[str]) -> None:
+        """Pool the prompts of edits made earlier in the stream (``--offset``) without training them."""
+        from melo_runtime.scope import normalized_subject, subject_clause
+
+        encoder = self.editor._scope.encoder  # noqa: SLF001
+        normalized = [normalized_subject(s) for s in subjects]
+        embeddings = encoder.encode([subject_clause(p, s) for p, s in zip(prompts, normalized)])
+        for prompt, subject, embedding in zip(prompts, normalized, embeddings):
+            template = mask_subject(prompt, subject, self.HOLE)
+            if subject and self.HOLE in template:
+                self.templates.append(template)
+                self.embeddings.append(embedding)
+
+
+def mask_subject(text: str, subject: str, hole: str) -> str:
+    from melo_runtime import scope
+
+    saved = scope.SUBJECT_PLACEHOLDER
+    scope.SUBJECT_PLACEHOLDER = hole
+    try:
+        return scope._mask(text, subject)  # noqa: SLF001
+    finally:
+        scope.SUBJECT_PLACEHOLDER = saved
+
+
 @contextlib.contextmanager
 def scaled_deltas(editor: MeloEditor, scale: float):
     """Serve with every block's delta multiplied by ``scale`` (its B factors), restored afterwards."""
@@ -151,16 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
+    parser.add_argument("--offset", type=int, default=0,
+                        help="edit the cases after the first OFFSET; mined variants pool those first prompts")
     parser.add_argument("--delta-scales", default="1",
                         help="comma-separated factors on every block's delta at serving (1 = as trained)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone("smollm2-135m")
     if args.dataset == "zsre":
-        stream = datasets.zsre_stream(args.data_dir, args.n_edits, args.n_locality)
+        stream = datasets.zsre_stream(args.data_dir, args.offset + args.n_edits, args.n_locality)
     else:
-        stream = datasets.counterfact_stream(args.data_dir, args.n_edits)
+        stream = datasets.counterfact_stream(args.data_dir, args.offset + args.n_edits)
         stream.locality = stream.locality[: args.n_locality]
+    earlier, stream.cases = stream.cases[: args.offset], stream.cases[args.offset :]
     preset = preset_for(model)
     print("| variant | es | gen | gen_routed | gen|routed | chat | loc | chat_loc | train_s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -178,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "paper":
             config = dataclasses.replace(config, r_init=preset_for(model, key_source="hidden").r_init)
         editor = MeloEditor(model, tokenizer, config)
+        if name in MINED:
+            mined = MinedRows(editor, {c.edit_id: c.subject for c in stream.cases})
+            mined.observe([c.prompt for c in earlier], [c.subject for c in earlier])
         if base_loc is None:
             base_loc = editor.generate([p.prompt for p in stream.locality], 8)
             base_chat_loc = editor.generate([chat(p.prompt) for p in stream.locality], 8)
