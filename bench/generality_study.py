@@ -68,7 +68,12 @@ VARIANTS = {
     # Also trained on the stream's own wordings of the same question: earlier edits' prompts whose
     # masked question is within MINED_RADIUS of this edit's, asked about this edit's subject.
     "scope+chat+margin+mined": _scope(chat=True, margin=0.1),
+    # Trained with Gaussian noise (this fraction of each token's RMS) on the hidden states that enter
+    # the first block layer, on every replayed training pass (a reworded question moves them).
+    "scope+chat+margin+noise03": _scope(chat=True, margin=0.1),
+    "scope+chat+margin+noise1": _scope(chat=True, margin=0.1),
 }
+NOISE = {"scope+chat+margin+noise03": 0.03, "scope+chat+margin+noise1": 0.1}
 MINED = {"scope+chat+margin+mined"}
 MINED_RADIUS, MINED_MAX = 0.5, 4
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
@@ -200,6 +205,31 @@ def mask_subject(text: str, subject: str, hole: str) -> str:
 
 
 @contextlib.contextmanager
+def replay_noise(scale: float):
+    """Add ``scale`` x RMS Gaussian noise to every replayed prefix output while training."""
+    from melo_runtime import prefix_cache
+
+    original = prefix_cache._rows  # noqa: SLF001
+
+    def noisy(output, rows):
+        out = original(output, rows)
+        if isinstance(out, (tuple, list)):
+            return type(out)([noisy_tensor(out[0]), *out[1:]])
+        return noisy_tensor(out)
+
+    def noisy_tensor(t):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            return t
+        return t + torch.randn_like(t) * t.pow(2).mean(-1, keepdim=True).sqrt() * scale
+
+    prefix_cache._rows = noisy  # noqa: SLF001
+    try:
+        yield
+    finally:
+        prefix_cache._rows = original  # noqa: SLF001
+
+
+@contextlib.contextmanager
 def scaled_deltas(editor: MeloEditor, scale: float):
     """Serve with every block's delta multiplied by ``scale`` (its B factors), restored afterwards."""
     factors = list(editor._factors.values())  # noqa: SLF001 -- a study knob, not a runtime feature
@@ -259,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         for start in range(0, len(stream.cases), 10):
             batch = stream.cases[start : start + 10]
-            editor.apply_batch([Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in batch])
+            with replay_noise(NOISE[name]) if name in NOISE else contextlib.nullcontext():
+                editor.apply_batch([Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in batch])
         seconds = time.perf_counter() - started
         for scale in [float(x) for x in args.delta_scales.split(",")]:
             with scaled_deltas(editor, scale):
