@@ -129,6 +129,11 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
     routed = [r is not None and o is not None and r.block == o.block and r.cluster == o.cluster
               for r, o in zip(routes, own)]
     hits = [exact_match(g, t) for g, t in zip(gen, targets)]
+    for case, answer, route in zip(cases, es, own):
+        if not exact_match(answer, case.target):  # a rewrite miss is rare: say which and where it went
+            where = None if route is None else f"block {route.block}, cluster {route.cluster}"
+            print(f"rewrite miss: {case.edit_id} {case.prompt!r} -> {answer!r} (target {case.target!r}; routed to {where})",
+                  flush=True)
     return {
         "es": mean([exact_match(g, t) for g, t in zip(es, targets)]),
         "gen": mean(hits),
