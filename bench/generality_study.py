@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -66,16 +67,17 @@ VARIANTS = {
     "scope+chat+margin+edit1r1top": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
     "scope+chat+margin+edit5r2": {**_scope(chat=True, margin=0.1), "edits_per_block": 5, "rank_per_block": 2},
     # Also trained on the stream's own wordings of the same question: earlier edits' prompts whose
-    # masked question is within MINED_RADIUS of this edit's, asked about this edit's subject.
+    # masked question is close to this edit's (see MINED), asked about this edit's subject.
     "scope+chat+margin+mined": _scope(chat=True, margin=0.1),
+    "scope+chat+margin+mined08": _scope(chat=True, margin=0.1),
     # Trained with Gaussian noise (this fraction of each token's RMS) on the hidden states that enter
     # the first block layer, on every replayed training pass (a reworded question moves them).
     "scope+chat+margin+noise03": _scope(chat=True, margin=0.1),
     "scope+chat+margin+noise1": _scope(chat=True, margin=0.1),
 }
 NOISE = {"scope+chat+margin+noise03": 0.03, "scope+chat+margin+noise1": 0.1}
-MINED = {"scope+chat+margin+mined"}
-MINED_RADIUS, MINED_MAX = 0.5, 4
+# Mined variants: (the distance within which another prompt's question counts, templates at most).
+MINED = {"scope+chat+margin+mined": (0.5, 4), "scope+chat+margin+mined08": (0.8, 6)}
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
 LORA_LAYERS = {"scope+chat+6layers": 6, "scope+chat+margin+edit1r1top": 1}
 # Variants whose blocks sit on middle layers instead (first layer, count; the same projections), where
@@ -134,6 +136,10 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
             where = None if route is None else f"block {route.block}, cluster {route.cluster}"
             print(f"rewrite miss: {case.edit_id} {case.prompt!r} -> {answer!r} (target {case.target!r}; routed to {where})",
                   flush=True)
+    if os.environ.get("GENERALITY_SHOW_MISSES"):
+        for case, rephrase, answer, hit, ok in zip(cases, rephrases, gen, routed, hits):
+            if hit and not ok:
+                print(f"block miss: {rephrase!r} -> {answer!r} (target {case.target!r}; prompt {case.prompt!r})", flush=True)
     return {
         "es": mean([exact_match(g, t) for g, t in zip(es, targets)]),
         "gen": mean(hits),
@@ -150,8 +156,9 @@ class MinedRows:
 
     HOLE = "\x00"
 
-    def __init__(self, editor: MeloEditor, subjects: dict[str, str]) -> None:
+    def __init__(self, editor: MeloEditor, subjects: dict[str, str], radius: float, most: int) -> None:
         self.editor = editor
+        self.radius, self.most = radius, most
         self.subjects = subjects  # edit id -> the subject as written
         self.templates: list[str] = []  # earlier prompts with their subject replaced by HOLE
         self.embeddings: list = []
@@ -173,9 +180,9 @@ class MinedRows:
                 continue
             distance = np.sqrt(np.maximum(0.0, 2 - 2 * pool @ embedding))
             own = mask_subject(row.text, row.subject, self.HOLE)
-            picked = dict.fromkeys(self.templates[i] for i in np.argsort(distance) if distance[i] <= MINED_RADIUS)
+            picked = dict.fromkeys(self.templates[i] for i in np.argsort(distance) if distance[i] <= self.radius)
             picked.pop(own, None)
-            for template in list(picked)[:MINED_MAX]:
+            for template in list(picked)[: self.most]:
                 text = template.replace(self.HOLE, self.subjects[row.edit_id])
                 extra.append(TrainingRow(row.edit_id, text, row.target, indexed=False))
         for row, embedding in zip(rows, clauses):
@@ -286,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(config, r_init=preset_for(model, key_source="hidden").r_init)
         editor = MeloEditor(model, tokenizer, config)
         if name in MINED:
-            mined = MinedRows(editor, {c.edit_id: c.subject for c in stream.cases})
+            mined = MinedRows(editor, {c.edit_id: c.subject for c in stream.cases}, *MINED[name])
             mined.observe([c.prompt for c in earlier], [c.subject for c in earlier])
         if base_loc is None:
             base_loc = editor.generate([p.prompt for p in stream.locality], 8)
