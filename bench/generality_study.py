@@ -208,12 +208,7 @@ class MinedRows:
 def mask_subject(text: str, subject: str, hole: str) -> str:
     from melo_runtime import scope
 
-    saved = scope.SUBJECT_PLACEHOLDER
-    scope.SUBJECT_PLACEHOLDER = hole
-    try:
-        return scope._mask(text, subject)  # noqa: SLF001
-    finally:
-        scope.SUBJECT_PLACEHOLDER = saved
+    return scope.mask_subject(text, subject, hole)
 
 
 @contextlib.contextmanager

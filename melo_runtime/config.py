@@ -26,7 +26,10 @@ LATER_FIELD_DEFAULTS: dict[str, Any] = {
     "retry_rounds": 3,
     "index_not_learned": False,
     "margin_loss": 0.0,
+    "train_stream_wordings": 0,
+    "stream_wordings_radius": 0.8,
 }
+MAX_STREAM_WORDINGS = 16
 
 
 @dataclass
@@ -81,6 +84,11 @@ class MeloConfig:
     # trains on (within the same budget) until its mean target-token loss is at most this, so the
     # edit holds with a margin rather than on a knife's edge (a reworded question moves the logits).
     margin_loss: float = 0.0
+    # Scope editors: also train each edit on up to this many earlier edits' wordings of the same
+    # question (masked-question distance <= stream_wordings_radius, inside the routing radius), with
+    # its own subject written in (melo_runtime/wordings.py). 0 (default): none, and no pool is kept.
+    train_stream_wordings: int = 0
+    stream_wordings_radius: float = 0.8
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -127,6 +135,12 @@ class MeloConfig:
             raise ValueError(
                 f"train_context_prefixes={self.train_context_prefixes!r} must be in 0..{MAX_CONTEXT_PREFIXES}"
             )
+        if not 0 <= self.train_stream_wordings <= MAX_STREAM_WORDINGS:
+            raise ValueError(
+                f"train_stream_wordings={self.train_stream_wordings!r} must be in 0..{MAX_STREAM_WORDINGS}"
+            )
+        if not 0 < self.stream_wordings_radius <= 2:
+            raise ValueError(f"stream_wordings_radius={self.stream_wordings_radius!r} must be in (0, 2]")
         if self.conflict_policy not in CONFLICT_POLICIES:
             raise ValueError(f"conflict_policy={self.conflict_policy!r} must be one of {CONFLICT_POLICIES}")
 

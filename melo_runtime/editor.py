@@ -43,6 +43,7 @@ from melo_runtime.serialization import (
 from melo_runtime.trainer import train_block
 from melo_runtime.validation import EditRow, EditValidator, teacher_forced_pairs, text_list
 from melo_runtime.vectordb import Hit, VectorDB
+from melo_runtime.wordings import WordingPool
 
 # Sampling draws from torch's global generator, which HF generate offers no way to replace: sampled
 # calls run one at a time (greedy ones stay concurrent), and a seeded call works on a forked state
@@ -82,6 +83,10 @@ class MeloEditor:
         # Scope keys (config.key_source == "scope") replace the paper's hidden-state key for routing.
         self._scope = ScopeKeys(load_encoder(config.key_encoder)) if config.key_source == "scope" else None
         self._prefixes: list[str] | None = None  # context lead-ins, written by the base model on first use
+        # The stream's wordings of its questions, to train new edits on (melo_runtime/wordings.py).
+        self._wordings = (
+            WordingPool(self._scope.encoder) if self._scope is not None and config.train_stream_wordings else None
+        )
         device = model_device(model)
         self._factors = {
             name: BlockFactors(layer.d_in, layer.d_out, config.rank_per_block, device)
@@ -121,7 +126,7 @@ class MeloEditor:
             started = time.perf_counter()
             rows = self._validate(edits)
             keys = self._edit_keys(rows)
-            training = self._training_rows(rows)
+            training = self._training_rows(rows, keys)
             targets = [self._label_ids[normalize_label(r.target)] if self._label_ids else r.target for r in training]
             data = self._encoder.teacher_forced([r.text for r in training], targets)
             block_id = self.blocks
@@ -167,6 +172,10 @@ class MeloEditor:
                 raise
             if self._scope is not None:
                 self._scope = self._scope.with_subjects(row.subject for row in rows)
+            if self._wordings is not None:
+                self._wordings.add(
+                    [rows[i].text for i in indexed], [rows[i].subject for i in indexed], keys[indexed, : self._scope.encoder.dim]
+                )
             self._db = db  # the batch becomes visible to readers here, all at once
             live = db.edit_ids()
             forgotten = {edit_id for edit_id, _ in report.forgotten if edit_id not in live}
@@ -208,8 +217,9 @@ class MeloEditor:
     def _validate(self, edits: Sequence[Edit]) -> list[EditRow]:
         return self._validator.validate(edits, self._db.edit_ids())
 
-    def _training_rows(self, rows: list[EditRow]) -> list[augment.TrainingRow]:
-        """The indexed rows, then their chat-form and prefixed variants (generation editors)."""
+    def _training_rows(self, rows: list[EditRow], keys: np.ndarray) -> list[augment.TrainingRow]:
+        """The indexed rows, then their chat-form and prefixed variants and the stream's other
+        wordings of their questions (generation editors)."""
         indexed = [augment.TrainingRow(row.edit_id, row.text, row.target, indexed=True) for row in rows]
         if self._label_ids:
             return indexed
@@ -217,7 +227,16 @@ class MeloEditor:
             self._prefixes = augment.context_prefixes(
                 self.model, self.tokenizer, self._encoder, self.config.train_context_prefixes
             )
-        return augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
+        expanded = augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
+        if self._wordings is None:
+            return expanded
+        config, dim = self.config, self._scope.encoder.dim
+        for row, key in zip(rows, keys, strict=True):
+            for text in self._wordings.wordings_for(
+                row.text, row.subject, row.subject_text, key[:dim], config.stream_wordings_radius, config.train_stream_wordings
+            ):
+                expanded.append(augment.TrainingRow(row.edit_id, text, row.target, indexed=False))
+        return expanded
 
     def _edit_keys(self, rows: list[EditRow]) -> np.ndarray:
         """Keys [n, dim] float32 of the rows, as the vector DB indexes them."""
@@ -390,6 +409,8 @@ class MeloEditor:
         """The editor as ``{file name: bytes}`` (safetensors + JSON; see serialization.py)."""
         with self._write_lock:
             scope = self._scope.to_dict() if self._scope is not None else None
+            if self._wordings is not None:
+                scope["wordings"] = self._wordings.to_list()
             return export_files(self.config, self._factors, self._db, scope)
 
     @classmethod
@@ -403,6 +424,8 @@ class MeloEditor:
         editor._db = state.db
         if editor._scope is not None and state.scope is not None:
             editor._scope = editor._scope.restored(state.scope)
+            if editor._wordings is not None:
+                editor._wordings = WordingPool.from_list(editor._scope.encoder, state.scope.get("wordings"))
         return editor
 
     def save(self, directory: str | os.PathLike[str]) -> None:

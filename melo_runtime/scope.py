@@ -152,12 +152,12 @@ def subject_clause(text: str, subject: str | None) -> str:
     sentences = _sentences(text)
     for index, sentence in enumerate(sentences):
         if mentions(subject, sentence):
-            return _mask(" ".join(sentences[index:]), subject)
+            return mask_subject(" ".join(sentences[index:]), subject)
     return text
 
 
-def _mask(text: str, subject: str) -> str:
-    """``text`` with each run of the subject's words replaced by SUBJECT_PLACEHOLDER."""
+def mask_subject(text: str, subject: str, placeholder: str = SUBJECT_PLACEHOLDER) -> str:
+    """``text`` with each run of the subject's words replaced by ``placeholder``."""
     words = set(_significant(subject_words(subject)))
     out: list[str] = []
     last = 0
@@ -170,7 +170,7 @@ def _mask(text: str, subject: str) -> str:
         if hit or joiner:
             if not masking:
                 out.append(text[last : match.start()])
-                out.append(SUBJECT_PLACEHOLDER)
+                out.append(placeholder)
                 masking = True
             last = match.end()
             continue

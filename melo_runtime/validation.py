@@ -24,6 +24,7 @@ class EditRow:
     target: str  # generation target text, or label name
     label: str  # normalized target: what clusters compare
     subject: str  # normalized subject ("" = none): part of a scope key
+    subject_text: str = ""  # the subject as the producer wrote it (or as inferred from the prompt)
 
 
 class TokenLimitError(ValueError):
@@ -81,10 +82,11 @@ class EditValidator:
         last_owner = {text: i for i, edit in enumerate(edits) for text in (edit.prompt, *edit.rephrases)}
         rows = []
         for i, edit in enumerate(edits):
-            subject = normalized_subject(edit.subject or infer_subject(edit.prompt)) if self._scoped else ""
+            written = (edit.subject or infer_subject(edit.prompt) or "") if self._scoped else ""
+            subject = normalized_subject(written)
             for text in dict.fromkeys((edit.prompt, *edit.rephrases)):
                 if last_owner[text] == i:
-                    rows.append(EditRow(edit.edit_id, text, edit.target, normalize_label(edit.target), subject))
+                    rows.append(EditRow(edit.edit_id, text, edit.target, normalize_label(edit.target), subject, written))
         return rows
 
     @staticmethod
