@@ -16,7 +16,11 @@ shared SmolLM2-135M-Instruct and reports, after the last batch (greedy decoding 
 Variants: ``paper`` (the former preset: hidden-state key, prompt rows only), ``scope`` (scope key,
 prompt rows only), ``scope+chat`` (and chat-form rows), ``+prefix``/``+prefix2`` (and 4 / 2 context
 prefixes), ``+margin`` (and ``margin_loss`` 0.1, the shipped preset), ``+6layers`` (blocks on the top 6
-layers). Variants without ``margin`` train with ``margin_loss`` 0, whatever the preset ships.
+layers), ``+mined``/``+mined08`` (and the stream's wordings of each question, melo_runtime/wordings.py;
+``--offset N`` pools the first N prompts first), ``+noise03``/``+noise1`` (and hidden-state noise while
+training). Variants without ``margin`` train with ``margin_loss`` 0, and variants without ``mined``
+without stream wordings, whatever the preset ships. ``--delta-scales`` serves each trained variant
+with its deltas scaled.
 
     python -m bench.generality_study --dataset zsre --n-edits 50
 """
@@ -41,9 +45,10 @@ from melo_runtime.chat import question_of
 from melo_runtime.presets import SCOPE_PRESET, preset_for
 from melo_runtime.edits import Edit
 
-def _scope(chat: bool, prefixes: int = 0, margin: float = 0.0) -> dict:
+def _scope(chat: bool, prefixes: int = 0, margin: float = 0.0, wordings: tuple[int, float] = (0, 0.8)) -> dict:
     """A scope-key variant; every knob the study varies is set here, not inherited from the preset."""
-    return {**SCOPE_PRESET, "train_chat_form": chat, "train_context_prefixes": prefixes, "margin_loss": margin}
+    return {**SCOPE_PRESET, "train_chat_form": chat, "train_context_prefixes": prefixes, "margin_loss": margin,
+            "train_stream_wordings": wordings[0], "stream_wordings_radius": wordings[1]}
 
 
 VARIANTS = {
@@ -66,10 +71,10 @@ VARIANTS = {
     "scope+chat+margin+edit1r1": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
     "scope+chat+margin+edit1r1top": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
     "scope+chat+margin+edit5r2": {**_scope(chat=True, margin=0.1), "edits_per_block": 5, "rank_per_block": 2},
-    # Also trained on the stream's own wordings of the same question: earlier edits' prompts whose
-    # masked question is close to this edit's (see MINED), asked about this edit's subject.
-    "scope+chat+margin+mined": _scope(chat=True, margin=0.1),
-    "scope+chat+margin+mined08": _scope(chat=True, margin=0.1),
+    # Also trained on the stream's own wordings of the same question (melo_runtime/wordings.py): up
+    # to 4 / 6 earlier prompts whose masked question is within 0.5 / 0.8 (mined08: now the preset).
+    "scope+chat+margin+mined": _scope(chat=True, margin=0.1, wordings=(4, 0.5)),
+    "scope+chat+margin+mined08": _scope(chat=True, margin=0.1, wordings=(6, 0.8)),
     # Trained with Gaussian noise (this fraction of each token's RMS) on the hidden states that enter
     # the first block layer, on every replayed training pass (a reworded question moves them).
     "scope+chat+margin+noise03": _scope(chat=True, margin=0.1),
@@ -77,7 +82,6 @@ VARIANTS = {
 }
 NOISE = {"scope+chat+margin+noise03": 0.03, "scope+chat+margin+noise1": 0.1}
 # Mined variants: (the distance within which another prompt's question counts, templates at most).
-MINED = {"scope+chat+margin+mined": (0.5, 4), "scope+chat+margin+mined08": (0.8, 6)}
 # Variants whose blocks sit on more of the top layers than the preset's (the same projections).
 LORA_LAYERS = {"scope+chat+6layers": 6, "scope+chat+margin+edit1r1top": 1}
 # Variants whose blocks sit on middle layers instead (first layer, count; the same projections), where
@@ -151,64 +155,18 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
     }
 
 
-class MinedRows:
-    """Extra training rows from the stream's other wordings of an edit's question (see MINED)."""
+def pool_earlier(editor: MeloEditor, cases: list) -> None:
+    """Pool the prompts of edits made earlier in the stream (``--offset``) without training them, as
+    a writer that had applied them would hold them (stream-wordings variants only)."""
+    from melo_runtime.scope import normalized_subject
 
-    HOLE = "\x00"
-
-    def __init__(self, editor: MeloEditor, subjects: dict[str, str], radius: float, most: int) -> None:
-        self.editor = editor
-        self.radius, self.most = radius, most
-        self.subjects = subjects  # edit id -> the subject as written
-        self.templates: list[str] = []  # earlier prompts with their subject replaced by HOLE
-        self.embeddings: list = []
-        self.original = editor._training_rows  # noqa: SLF001
-        editor._training_rows = self.rows  # noqa: SLF001
-
-    def rows(self, rows):
-        import numpy as np
-
-        from melo_runtime.augment import TrainingRow
-        from melo_runtime.scope import subject_clause
-
-        encoder = self.editor._scope.encoder  # noqa: SLF001
-        clauses = encoder.encode([subject_clause(r.text, r.subject) for r in rows])
-        extra = []
-        pool = np.stack(self.embeddings) if self.embeddings else np.zeros((0, clauses.shape[1]), np.float32)
-        for row, embedding in zip(rows, clauses):
-            if not row.subject or not len(pool):
-                continue
-            distance = np.sqrt(np.maximum(0.0, 2 - 2 * pool @ embedding))
-            own = mask_subject(row.text, row.subject, self.HOLE)
-            picked = dict.fromkeys(self.templates[i] for i in np.argsort(distance) if distance[i] <= self.radius)
-            picked.pop(own, None)
-            for template in list(picked)[: self.most]:
-                text = template.replace(self.HOLE, self.subjects[row.edit_id])
-                extra.append(TrainingRow(row.edit_id, text, row.target, indexed=False))
-        for row, embedding in zip(rows, clauses):
-            if row.subject and self.HOLE in mask_subject(row.text, row.subject, self.HOLE):
-                self.templates.append(mask_subject(row.text, row.subject, self.HOLE))
-                self.embeddings.append(embedding)
-        return self.original(rows) + extra
-
-    def observe(self, prompts: list[str], subjects: list[str]) -> None:
-        """Pool the prompts of edits made earlier in the stream (``--offset``) without training them."""
-        from melo_runtime.scope import normalized_subject, subject_clause
-
-        encoder = self.editor._scope.encoder  # noqa: SLF001
-        normalized = [normalized_subject(s) for s in subjects]
-        embeddings = encoder.encode([subject_clause(p, s) for p, s in zip(prompts, normalized)])
-        for prompt, subject, embedding in zip(prompts, normalized, embeddings):
-            template = mask_subject(prompt, subject, self.HOLE)
-            if subject and self.HOLE in template:
-                self.templates.append(template)
-                self.embeddings.append(embedding)
-
-
-def mask_subject(text: str, subject: str, hole: str) -> str:
-    from melo_runtime import scope
-
-    return scope.mask_subject(text, subject, hole)
+    pool = editor._wordings  # noqa: SLF001 -- the writer's pool, warmed for the study
+    if pool is None or not cases:
+        return
+    prompts = [c.prompt for c in cases]
+    subjects = [normalized_subject(c.subject) for c in cases]
+    keys = editor._scope.edit_keys(prompts, subjects)  # noqa: SLF001
+    pool.add(prompts, subjects, keys[:, : pool.encoder.dim])
 
 
 @contextlib.contextmanager
@@ -258,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=datasets.DEFAULT_DATA_DIR)
     parser.add_argument("--offset", type=int, default=0,
-                        help="edit the cases after the first OFFSET; mined variants pool those first prompts")
+                        help="edit the cases after the first OFFSET; stream-wordings variants pool those first prompts")
     parser.add_argument("--delta-scales", default="1",
                         help="comma-separated factors on every block's delta at serving (1 = as trained)")
     args = parser.parse_args(argv)
@@ -287,9 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "paper":
             config = dataclasses.replace(config, r_init=preset_for(model, key_source="hidden").r_init)
         editor = MeloEditor(model, tokenizer, config)
-        if name in MINED:
-            mined = MinedRows(editor, {c.edit_id: c.subject for c in stream.cases}, *MINED[name])
-            mined.observe([c.prompt for c in earlier], [c.subject for c in earlier])
+        pool_earlier(editor, earlier)
         if base_loc is None:
             base_loc = editor.generate([p.prompt for p in stream.locality], 8)
             base_chat_loc = editor.generate([chat(p.prompt) for p in stream.locality], 8)
