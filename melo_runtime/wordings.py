@@ -48,6 +48,7 @@ class WordingPool:
         self.encoder = encoder
         self._wordings: dict[str, Wording] = {}
         self._embeddings: dict[str, np.ndarray] = {}
+        self._stacked: tuple[list[str], np.ndarray] | None = None  # (templates, embeddings), until the next add
         for wording in wordings:
             self._wordings[wording.template] = wording
 
@@ -63,8 +64,7 @@ class WordingPool:
         own = template_of(text, subject)
         if not subject or own is None or not self._wordings or most <= 0:
             return []
-        templates = list(self._wordings)
-        matrix = self._matrix(templates)
+        templates, matrix = self._stack()
         distance = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (matrix @ embedding)))
         picked = []
         for index in np.argsort(distance, kind="stable"):
@@ -86,13 +86,17 @@ class WordingPool:
             oldest = next(iter(self._wordings))
             del self._wordings[oldest]
             self._embeddings.pop(oldest, None)
+        self._stacked = None
 
-    def _matrix(self, templates: list[str]) -> np.ndarray:
-        missing = [t for t in templates if t not in self._embeddings]
-        if missing:  # restored from a snapshot: embed once, on the first edit that needs them
-            for template, row in zip(missing, self.encoder.encode([self._wordings[t].clause for t in missing])):
-                self._embeddings[template] = row
-        return np.stack([self._embeddings[t] for t in templates])
+    def _stack(self) -> tuple[list[str], np.ndarray]:
+        if self._stacked is None:
+            templates = list(self._wordings)
+            missing = [t for t in templates if t not in self._embeddings]
+            if missing:  # restored from a snapshot: embed once, on the first edit that needs them
+                for template, row in zip(missing, self.encoder.encode([self._wordings[t].clause for t in missing])):
+                    self._embeddings[template] = row
+            self._stacked = (templates, np.stack([self._embeddings[t] for t in templates]))
+        return self._stacked
 
     def to_list(self) -> list[list[str]]:
         """``[[template, clause], ...]`` oldest first, as ``scope.json`` stores them."""
