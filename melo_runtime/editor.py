@@ -170,12 +170,7 @@ class MeloEditor:
                 for layer in self._factors.values():
                     layer.truncate(block_id)
                 raise
-            if self._scope is not None:
-                self._scope = self._scope.with_subjects(row.subject for row in rows)
-            if self._wordings is not None:
-                self._wordings.add(
-                    [rows[i].text for i in indexed], [rows[i].subject for i in indexed], keys[indexed, : self._scope.encoder.dim]
-                )
+            self._remember_scope(rows, indexed, keys)
             self._db = db  # the batch becomes visible to readers here, all at once
             live = db.edit_ids()
             forgotten = {edit_id for edit_id, _ in report.forgotten if edit_id not in live}
@@ -197,6 +192,14 @@ class MeloEditor:
                 edit_losses=trained.group_losses([row.edit_id for row in training]),
                 blocks_added=len(blocks),
             )
+
+    def _remember_scope(self, rows: list[EditRow], indexed: list[int], keys: np.ndarray) -> None:
+        """After a batch is applied: the subjects its rows name, and the wordings of its indexed rows."""
+        if self._scope is not None:
+            self._scope = self._scope.with_subjects(row.subject for row in rows)
+        if self._wordings is not None:
+            dim = self._scope.encoder.dim
+            self._wordings.add([rows[i].text for i in indexed], [rows[i].subject for i in indexed], keys[indexed, :dim])
 
     def check_edit(self, edit: Edit) -> None:
         """Raise what ``apply_batch([edit])`` would raise while validating ``edit`` (ValueError, or
@@ -230,13 +233,7 @@ class MeloEditor:
         expanded = augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
         if self._wordings is None:
             return expanded
-        config, dim = self.config, self._scope.encoder.dim
-        for row, key in zip(rows, keys, strict=True):
-            for text in self._wordings.wordings_for(
-                row.text, row.subject, row.subject_text, key[:dim], config.stream_wordings_radius, config.train_stream_wordings
-            ):
-                expanded.append(augment.TrainingRow(row.edit_id, text, row.target, indexed=False))
-        return expanded
+        return expanded + self._wordings.training_rows(rows, keys, self.config)
 
     def _edit_keys(self, rows: list[EditRow]) -> np.ndarray:
         """Keys [n, dim] float32 of the rows, as the vector DB indexes them."""

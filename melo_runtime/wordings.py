@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from melo_runtime.augment import TrainingRow
 from melo_runtime.scope import SentenceEncoder, mask_subject, subject_clause
 
 HOLE = "\x00"  # where a template's subject was
@@ -74,6 +75,19 @@ class WordingPool:
             if templates[index] != own:
                 picked.append(templates[index].replace(HOLE, subject_text))
         return picked
+
+    def training_rows(self, rows: Sequence[Any], keys: np.ndarray, config: Any) -> list[TrainingRow]:
+        """The extra rows for a batch's ``rows`` (EditRow: text, subject, subject_text, edit_id,
+        target) keyed by ``keys`` (their scope keys, question part first), by ``config``'s
+        ``train_stream_wordings`` and ``stream_wordings_radius``."""
+        dim = self.encoder.dim
+        extra = []
+        for row, key in zip(rows, keys, strict=True):
+            for text in self.wordings_for(
+                row.text, row.subject, row.subject_text, key[:dim], config.stream_wordings_radius, config.train_stream_wordings
+            ):
+                extra.append(TrainingRow(row.edit_id, text, row.target, indexed=False))
+        return extra
 
     def add(self, texts: Sequence[str], subjects: Sequence[str], embeddings: np.ndarray) -> None:
         """Pool the texts of newly applied edits (``embeddings``: their scope keys' question parts)."""
