@@ -392,7 +392,8 @@ class ScopeKeys:
         return clone
 
     def query_keys(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate keys of queries: one per (query, subject it names) plus one without a subject.
+        """Candidate keys of queries: one per (query, subject it names), and one without a subject
+        while some edit has none.
 
         A query that names no known subject but carries a ``context`` (a chat's earlier user
         messages, :class:`melo_runtime.chat.Question`) gets the subjects its context names. The key

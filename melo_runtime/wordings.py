@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from melo_runtime.augment import TrainingRow
+from melo_runtime.config import MeloConfig
 from melo_runtime.scope import SentenceEncoder, mask_subject, subject_clause
 
 HOLE = "\x00"  # where a template's subject was
@@ -63,8 +64,8 @@ class WordingPool:
         """Up to ``most`` pooled wordings, nearest first, whose question is within ``radius`` of
         ``embedding`` (the scope key's question part for ``text``), with ``subject_text`` written in.
         Empty for an edit without a subject, or whose text does not name it."""
-        own = template_of(text, subject)
-        if not subject or own is None or not self._wordings or most <= 0:
+        own = template_of(text, subject)  # None without a subject, or when the text does not name it
+        if own is None or not self._wordings or most <= 0:
             return []
         templates, matrix = self._stack()
         distance = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (matrix @ embedding)))
@@ -76,7 +77,7 @@ class WordingPool:
                 picked.append(templates[index].replace(HOLE, subject_text))
         return picked
 
-    def training_rows(self, rows: Sequence[Any], keys: np.ndarray, config: Any) -> list[TrainingRow]:
+    def training_rows(self, rows: Sequence[Any], keys: np.ndarray, config: MeloConfig) -> list[TrainingRow]:
         """The extra rows for a batch's ``rows`` (EditRow: text, subject, subject_text, edit_id,
         target) keyed by ``keys`` (their scope keys, question part first), by ``config``'s
         ``train_stream_wordings`` and ``stream_wordings_radius``."""
