@@ -157,17 +157,31 @@ def subject_clause(text: str, subject: str | None) -> str:
 
 
 def mask_subject(text: str, subject: str, placeholder: str = SUBJECT_PLACEHOLDER) -> str:
-    """``text`` with each run of the subject's words replaced by ``placeholder``."""
+    """``text`` with each run of the subject's words replaced by ``placeholder``.
+
+    Function words between two subject words join them into one run ("Leonardo da Vinci"); after
+    the subject's last word they stay ("Which country is Ghana in?" keeps its "in", "MSN Music, by"
+    its "by": they are the question).
+    """
     words = set(_significant(subject_words(subject)))
+    matches = list(_WORD.finditer(text))
+    # Per word: 2 = a subject word, 1 = a function word that could join two of them, 0 = neither.
+    # One word of the text may normalize to several ("½" -> "1", "2"): any of them counts.
+    kinds = []
+    for match in matches:
+        tokens = subject_words(match.group())
+        if any(_same_word(token, word) for token in tokens for word in words):
+            kinds.append(2)
+        elif tokens and all(t in _FUNCTION_WORDS and t not in words for t in tokens):
+            kinds.append(1)
+        else:
+            kinds.append(0)
     out: list[str] = []
     last = 0
     masking = False
-    for match in _WORD.finditer(text):
-        # One word of the text may normalize to several ("½" -> "1", "2"): any of them counts.
-        tokens = subject_words(match.group())
-        hit = any(_same_word(token, word) for token in tokens for word in words)
-        joiner = masking and bool(tokens) and all(t in _FUNCTION_WORDS and t not in words for t in tokens)
-        if hit or joiner:
+    for index, match in enumerate(matches):
+        joins = masking and kinds[index] == 1 and _next_kind(kinds, index) == 2
+        if kinds[index] == 2 or joins:
             if not masking:
                 out.append(text[last : match.start()])
                 out.append(placeholder)
@@ -177,6 +191,14 @@ def mask_subject(text: str, subject: str, placeholder: str = SUBJECT_PLACEHOLDER
         masking = False
     out.append(text[last:])
     return "".join(out)
+
+
+def _next_kind(kinds: list[int], index: int) -> int:
+    """The kind of the first word after ``index`` that is not a joining function word (0 at the end)."""
+    for kind in kinds[index + 1 :]:
+        if kind != 1:
+            return kind
+    return 0
 
 
 def subject_code(subject: str) -> np.ndarray:

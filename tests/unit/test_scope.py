@@ -13,6 +13,7 @@ from melo_runtime.scope import (
     load_encoder,
     mentions,
     normalized_subject,
+    mask_subject,
     subject_clause,
     subject_code,
 )
@@ -55,6 +56,15 @@ def test_subject_clause_drops_the_lead_in_and_masks_the_subject():
     text = "Two species have been recorded in Kentucky. Hamid Algar writes in"
     assert subject_clause(text, "hamid algar") == f"{SUBJECT_PLACEHOLDER} writes in"
     assert subject_clause(text, "") == text  # no subject: the whole text
+
+
+def test_masking_keeps_the_function_words_after_the_subject():
+    # A function word joins two subject words into one run, but one after the subject's last word
+    # is part of the question: "MSN Music, by" must not embed as a bare placeholder.
+    assert mask_subject("MSN Music, by", "msn music") == f"{SUBJECT_PLACEHOLDER}, by"
+    assert mask_subject("Which country is Ghana in?", "ghana") == f"Which country is {SUBJECT_PLACEHOLDER} in?"
+    assert mask_subject("Leonardo da Vinci painted the", "leonardo da vinci") == f"{SUBJECT_PLACEHOLDER} painted the"
+    assert mask_subject("Leonardo da Vinci", "leonardo vinci") == SUBJECT_PLACEHOLDER
 
 
 def test_subject_codes_are_fixed_per_subject_and_far_apart():
