@@ -75,6 +75,12 @@ VARIANTS = {
     # to 4 / 6 earlier prompts whose masked question is within 0.5 / 0.8 (mined08: now the preset).
     "scope+chat+margin+mined": _scope(chat=True, margin=0.1, wordings=(4, 0.5)),
     "scope+chat+margin+mined08": _scope(chat=True, margin=0.1, wordings=(6, 0.8)),
+    # And kept to the unedited answer on 3 earlier questions that ask something else (masked-question
+    # distance >= 1.3 / 1.2), the edit's subject written in.
+    "scope+chat+margin+mined08+neg3": {**_scope(chat=True, margin=0.1, wordings=(6, 0.8)),
+                                        "train_stream_negatives": 3, "stream_negatives_distance": 1.3},
+    "scope+chat+margin+mined08+neg3n": {**_scope(chat=True, margin=0.1, wordings=(6, 0.8)),
+                                         "train_stream_negatives": 3, "stream_negatives_distance": 1.2},
     # Trained with Gaussian noise (this fraction of each token's RMS) on the hidden states that enter
     # the first block layer, on every replayed training pass (a reworded question moves them).
     "scope+chat+margin+noise03": _scope(chat=True, margin=0.1),
@@ -119,7 +125,22 @@ def contains(reply: str, target: str) -> bool:
     return target.strip().casefold() in reply.casefold()
 
 
-def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], base_chat_loc: list[str]) -> dict:
+def other_questions(stream: datasets.Stream, labels: dict) -> list[str]:
+    """Questions about an edited subject that ask something else: CounterFact's rephrases labelled
+    ``other``; for zsRE the next edit's rephrase with this edit's subject written in."""
+    cases = stream.cases
+    if labels:
+        return [c.rephrases[0] for c in cases if labels.get((c.prompt, c.rephrases[0])) == "other"]
+    probes = []
+    for case, other in zip(cases, cases[1:] + cases[:1]):
+        rephrase = other.rephrases[0]
+        if other.subject and case.subject and other.subject in rephrase and other.target != case.target:
+            probes.append(rephrase.replace(other.subject, case.subject))
+    return probes
+
+
+def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], base_chat_loc: list[str],
+             labels: dict | None = None, others: tuple[list[str], list[str]] = ([], [])) -> dict:
     cases = stream.cases
     prompts = [c.prompt for c in cases]
     rephrases = [c.rephrases[0] for c in cases]
@@ -144,7 +165,13 @@ def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], b
         for case, rephrase, answer, hit, ok in zip(cases, rephrases, gen, routed, hits):
             if hit and not ok:
                 print(f"block miss: {rephrase!r} -> {answer!r} (target {case.target!r}; prompt {case.prompt!r})", flush=True)
+    kinds = [(labels or {}).get((c.prompt, r)) for c, r in zip(cases, rephrases)]
+    other_out = editor.generate(others[0], 8) if others[0] else []
     return {
+        "same": mean([h for h, k in zip(hits, kinds) if k == "same"]),
+        "same_routed": mean([r for r, k in zip(routed, kinds) if k == "same"]),
+        "other_target": mean([h for h, k in zip(hits, kinds) if k == "other"]),
+        "other_kept": mean([a == b for a, b in zip(other_out, others[1])]),
         "es": mean([exact_match(g, t) for g, t in zip(es, targets)]),
         "gen": mean(hits),
         "gen_routed": mean(routed),
@@ -207,6 +234,19 @@ def scaled_deltas(editor: MeloEditor, scale: float):
             layer.b.div_(scale)
 
 
+@contextlib.contextmanager
+def widened(editor: MeloEditor, delta: float):
+    """Serve with every cluster's radius ``delta`` wider, restored afterwards."""
+    clusters = list(editor.db._store.clusters.values())  # noqa: SLF001 -- a study knob
+    for cluster in clusters:
+        cluster.radius += delta
+    try:
+        yield
+    finally:
+        for cluster in clusters:
+            cluster.radius -= delta
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.generality_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default="zsre")
@@ -219,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="edit the cases after the first OFFSET; stream-wordings variants pool those first prompts")
     parser.add_argument("--delta-scales", default="1",
                         help="comma-separated factors on every block's delta at serving (1 = as trained)")
+    parser.add_argument("--radius-deltas", default="0",
+                        help="comma-separated widenings of every cluster's radius at serving (0 = as trained)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone("smollm2-135m")
@@ -229,8 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream.locality = stream.locality[: args.n_locality]
     earlier, stream.cases = stream.cases[: args.offset], stream.cases[args.offset :]
     preset = preset_for(model)
-    print("| variant | es | gen | gen_routed | gen|routed | chat | loc | chat_loc | train_s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    labels = {}
+    if args.dataset == "counterfact":
+        from bench.rephrase_labels import LABELS, read_jsonl
+        labels = {(r["prompt"], r["rephrase"]): r["label"] for r in read_jsonl(LABELS)}
+    probes = other_questions(stream, labels)
+    print("| variant | es | gen | gen_routed | gen|routed | chat | loc | chat_loc | same | same_routed | other_target | other_kept | train_s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base_loc = base_chat_loc = None
     for name in args.variants.split(","):
         config = dataclasses.replace(preset, **VARIANTS[name])
@@ -249,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if base_loc is None:
             base_loc = editor.generate([p.prompt for p in stream.locality], 8)
             base_chat_loc = editor.generate([chat(p.prompt) for p in stream.locality], 8)
+            base_others = editor.generate(probes, 8) if probes else []
         started = time.perf_counter()
         for start in range(0, len(stream.cases), 10):
             batch = stream.cases[start : start + 10]
@@ -256,11 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 editor.apply_batch([Edit(c.edit_id, c.prompt, c.target, subject=c.subject) for c in batch])
         seconds = time.perf_counter() - started
         for scale in [float(x) for x in args.delta_scales.split(",")]:
-            with scaled_deltas(editor, scale):
-                r = evaluate(editor, stream, base_loc, base_chat_loc)
-            label = name if scale == 1 else f"{name} x{scale:g}"
-            print(f"| {label} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['gen_given_routed']:.3f} | {r['chat']:.3f} | "
-                  f"{r['loc']:.3f} | {r['chat_loc']:.3f} | {seconds:.0f} |", flush=True)
+            for delta in [float(x) for x in args.radius_deltas.split(",")]:
+                with scaled_deltas(editor, scale), widened(editor, delta):
+                    r = evaluate(editor, stream, base_loc, base_chat_loc, labels, (probes, base_others))
+                label = name + ("" if scale == 1 else f" x{scale:g}") + ("" if delta == 0 else f" r+{delta:g}")
+                print(f"| {label} | {r['es']:.3f} | {r['gen']:.3f} | {r['gen_routed']:.3f} | {r['gen_given_routed']:.3f} | "
+                      f"{r['chat']:.3f} | {r['loc']:.3f} | {r['chat_loc']:.3f} | {r['same']:.3f} | {r['same_routed']:.3f} | "
+                      f"{r['other_target']:.3f} | {r['other_kept']:.3f} | {seconds:.0f} |", flush=True)
     return 0
 
 
