@@ -63,18 +63,6 @@ def context_prefixes(model: nn.Module, tokenizer, encoder: TextEncoder, count: i
     return prefixes
 
 
-def base_answers(model: nn.Module, tokenizer, encoder: TextEncoder, texts: Sequence[str], tokens: int) -> list[str]:
-    """The unedited model's greedy continuation (``tokens`` tokens, no block on) of each text."""
-    if not texts:
-        return []
-    batch = encoder.prompts(list(texts))
-    inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, num_beams=1, pad_token_id=encoder.pad_id)
-    start = 1 if encoder.encoder_decoder else batch.inputs["input_ids"].shape[1]
-    return tokenizer.batch_decode(output[:, start:], skip_special_tokens=True)
-
-
 def expand(
     rows: Sequence[TrainingRow],
     tokenizer,

@@ -28,8 +28,6 @@ LATER_FIELD_DEFAULTS: dict[str, Any] = {
     "margin_loss": 0.0,
     "train_stream_wordings": 0,
     "stream_wordings_radius": 0.8,
-    "train_stream_negatives": 0,
-    "stream_negatives_distance": 1.3,
 }
 MAX_STREAM_WORDINGS = 16
 
@@ -91,11 +89,6 @@ class MeloConfig:
     # its own subject written in (melo_runtime/wordings.py). 0 (default): none, and no pool is kept.
     train_stream_wordings: int = 0
     stream_wordings_radius: float = 0.8
-    # Scope editors: also train each edit to keep the unedited model's answer on up to this many
-    # earlier edits' questions that ask something else (masked-question distance >=
-    # stream_negatives_distance), with its own subject written in. 0 (default): none.
-    train_stream_negatives: int = 0
-    stream_negatives_distance: float = 1.3
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -146,12 +139,6 @@ class MeloConfig:
             raise ValueError(
                 f"train_stream_wordings={self.train_stream_wordings!r} must be in 0..{MAX_STREAM_WORDINGS}"
             )
-        if not 0 <= self.train_stream_negatives <= MAX_STREAM_WORDINGS:
-            raise ValueError(
-                f"train_stream_negatives={self.train_stream_negatives!r} must be in 0..{MAX_STREAM_WORDINGS}"
-            )
-        if not 0 < self.stream_negatives_distance <= 2:
-            raise ValueError(f"stream_negatives_distance={self.stream_negatives_distance!r} must be in (0, 2]")
         if not 0 < self.stream_wordings_radius <= 2:
             raise ValueError(f"stream_wordings_radius={self.stream_wordings_radius!r} must be in (0, 2]")
         if self.conflict_policy not in CONFLICT_POLICIES:

@@ -65,9 +65,6 @@ def _sampling(active: bool, seed: int | None) -> Iterator[None]:
             yield
 
 
-NEGATIVE_TOKENS = 3  # tokens of the unedited answer an other-question row keeps
-
-
 class MeloEditor:
     """A MELO editor over one model (see docs/contracts.md for the public surface)."""
 
@@ -236,15 +233,7 @@ class MeloEditor:
         expanded = augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
         if self._wordings is None:
             return expanded
-        extra = self._wordings.training_rows(rows, keys, self.config)
-        negatives = self._wordings.negative_texts(rows, keys, self.config)
-        answers = augment.base_answers(
-            self.model, self.tokenizer, self._encoder, [text for _, text in negatives], NEGATIVE_TOKENS
-        )
-        for (edit_id, text), answer in zip(negatives, answers, strict=True):
-            if answer.strip():
-                extra.append(augment.TrainingRow(edit_id, text, answer, indexed=False))
-        return expanded + extra
+        return expanded + self._wordings.training_rows(rows, keys, self.config)
 
     def _edit_keys(self, rows: list[EditRow]) -> np.ndarray:
         """Keys [n, dim] float32 of the rows, as the vector DB indexes them."""

@@ -77,38 +77,6 @@ class WordingPool:
                 picked.append(templates[index].replace(HOLE, subject_text))
         return picked
 
-    def negatives_for(
-        self, text: str, subject: str, subject_text: str, embedding: np.ndarray, distance: float, most: int
-    ) -> list[str]:
-        """Up to ``most`` pooled wordings, nearest first, whose question is at least ``distance`` from
-        ``embedding``: other questions about the subject (``subject_text`` written in)."""
-        own = template_of(text, subject)
-        if own is None or not self._wordings or most <= 0:
-            return []
-        templates, matrix = self._stack()
-        gap = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (matrix @ embedding)))
-        picked = []
-        for index in np.argsort(gap, kind="stable"):
-            if len(picked) == most:
-                break
-            if gap[index] >= distance and templates[index] != own:
-                picked.append(templates[index].replace(HOLE, subject_text))
-        return picked
-
-    def negative_texts(self, rows: Sequence[Any], keys: np.ndarray, config: MeloConfig) -> list[tuple[str, str]]:
-        """(edit id, text) of each batch row's other questions, by ``config``'s
-        ``train_stream_negatives`` and ``stream_negatives_distance``; the editor trains each to the
-        unedited model's answer."""
-        dim = self.encoder.dim
-        out = []
-        for row, key in zip(rows, keys, strict=True):
-            for text in self.negatives_for(
-                row.text, row.subject, row.subject_text, key[:dim], config.stream_negatives_distance,
-                config.train_stream_negatives,
-            ):
-                out.append((row.edit_id, text))
-        return out
-
     def training_rows(self, rows: Sequence[Any], keys: np.ndarray, config: MeloConfig) -> list[TrainingRow]:
         """The extra rows for a batch's ``rows`` (EditRow: text, subject, subject_text, edit_id,
         target) keyed by ``keys`` (their scope keys, question part first), by ``config``'s

@@ -82,31 +82,3 @@ def test_config_rejects_out_of_range_stream_wordings(make_editor):
     with pytest.raises(ValueError, match="stream_wordings_radius=0"):
         dataclasses.replace(config, stream_wordings_radius=0)
     assert np.isfinite(config.stream_wordings_radius)
-
-
-def test_other_questions_about_the_subject_train_to_the_unedited_answer(make_editor):
-    texts, subjects, embeddings = _keys(EARLIER)
-    pool = WordingPool(load_encoder("minilm-l6"))
-    pool.add(texts, subjects, embeddings)
-    (new_text,), (new_subject,), (new_embedding,) = _keys([NEW])
-    far = pool.negatives_for(new_text, new_subject, "Gliese 638", new_embedding, distance=1.0, most=3)
-    assert far == ["Q: When was Gliese 638 launched? A:"]  # the constellation wordings are near: not negatives
-    assert pool.negatives_for(new_text, new_subject, "Gliese 638", new_embedding, distance=1.0, most=0) == []
-    assert pool.negatives_for(new_text, "", "", new_embedding, distance=1.0, most=3) == []
-
-    editor = make_editor("llama", index_not_learned=True, iterations=1, max_iterations=1, retry_rounds=0,
-                         train_stream_negatives=2, stream_negatives_distance=1.0)
-    editor.apply_batch([Edit(f"e{i}", text, " Hercules", subject=s) for i, (text, s) in enumerate(EARLIER)])
-    new = Edit("new", NEW[0], " Hercules", subject=NEW[1])
-    rows = editor._training_rows(editor._validate([new]), editor._edit_keys(editor._validate([new])))  # noqa: SLF001
-    (negative,) = [r for r in rows if r.text == "Q: When was Gliese 638 launched? A:"]
-    assert not negative.indexed and negative.edit_id == "new"
-    # Its target is what the unedited model says there (greedy), not the edit's target.
-    from melo_runtime.augment import base_answers
-    from melo_runtime.editor import NEGATIVE_TOKENS
-
-    assert negative.target == base_answers(editor.model, editor.tokenizer, editor._encoder, [negative.text], NEGATIVE_TOKENS)[0]  # noqa: SLF001
-    with pytest.raises(ValueError, match="train_stream_negatives=17"):
-        import dataclasses
-
-        dataclasses.replace(editor.config, train_stream_negatives=17)
