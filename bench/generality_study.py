@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from bench.rephrase_labels import LABELS, label_of, read_jsonl
+from bench.scope_study import same_subject_probes
 from melo_eval import datasets
 from melo_eval.quality import exact_match
 from melo_runtime import MeloEditor
@@ -128,16 +130,13 @@ def contains(reply: str, target: str) -> bool:
 
 def other_questions(stream: datasets.Stream, labels: dict) -> list[str]:
     """Questions about an edited subject that ask something else: CounterFact's rephrases labelled
-    ``other``; for zsRE the next edit's rephrase with this edit's subject written in."""
+    ``other``; for zsRE the next edit's rephrase with this edit's subject written in (the scope
+    study's ``leak_same`` probes)."""
     cases = stream.cases
     if labels:
         return [c.rephrases[0] for c in cases if labels.get((c.prompt, c.rephrases[0])) == "other"]
-    probes = []
-    for case, other in zip(cases, cases[1:] + cases[:1]):
-        rephrase = other.rephrases[0]
-        if other.subject and case.subject and other.subject in rephrase and other.target != case.target:
-            probes.append(rephrase.replace(other.subject, case.subject))
-    return probes
+    records = [{"prompt": c.prompt, "rephrase": c.rephrases[0], "subject": c.subject, "target": c.target} for c in cases]
+    return [text for _, text in same_subject_probes(records)]
 
 
 def evaluate(editor: MeloEditor, stream: datasets.Stream, base_loc: list[str], base_chat_loc: list[str],
@@ -274,8 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = preset_for(model)
     labels = {}
     if args.dataset == "counterfact":
-        from bench.rephrase_labels import LABELS, read_jsonl
-        labels = {(r["prompt"], r["rephrase"]): r["label"] for r in read_jsonl(LABELS)}
+        labels = label_of(read_jsonl(LABELS))
     probes = other_questions(stream, labels)
     print("| variant | es | gen | gen_routed | gen|routed | chat | loc | chat_loc | same | same_routed | other_target | other_kept | train_s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

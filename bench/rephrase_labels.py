@@ -33,15 +33,20 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def label_of(labels: Iterable[dict]) -> dict[tuple[str, str], str]:
+    """(prompt, rephrase) -> label of the labels file's records."""
+    return {(r["prompt"], r["rephrase"]): r["label"] for r in labels}
+
+
 def score(details: Iterable[dict], labels: Iterable[dict]) -> dict[str, dict[str, float | int]]:
     """Per label: n, em, routed (to the edit's own block), em_given_routed, miss_routing, miss_block.
 
     A detail record is matched to its label by (prompt, rephrase); records without a label are left out.
     """
-    label_of = {(r["prompt"], r["rephrase"]): r["label"] for r in labels}
+    labelled = label_of(labels)
     counts: dict[str, Counter] = {}
     for record in details:
-        label = label_of.get((record["prompt"], record["rephrase"]))
+        label = labelled.get((record["prompt"], record["rephrase"]))
         if label is None:
             continue
         tally = counts.setdefault(label, Counter())
