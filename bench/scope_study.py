@@ -59,10 +59,15 @@ def load_cases(dataset: str, n: int, data_dir: Path) -> tuple[list[dict], list[s
 
 
 def same_subject_probes(cases: list[dict]) -> list[tuple[int, str]]:
-    """(edit index, the next edit's prompt asked about this edit's subject), where that differs."""
+    """(edit index, the next edit's prompt asked about this edit's subject), where that differs.
+
+    Cases without a subject (``None`` or empty) give and take no probe.
+    """
     probes = []
     for i, case in enumerate(cases):
         other = cases[(i + 1) % len(cases)]
+        if not case["subject"] or not other["subject"]:
+            continue
         if not case.get("swap", True) or other["subject"] not in other["prompt"]:
             continue
         if other["target"] == case["target"] or case["subject"] in other["prompt"]:
