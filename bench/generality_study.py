@@ -24,9 +24,11 @@ Variants: ``paper`` (the former preset: hidden-state key, prompt rows only), ``s
 prompt rows only), ``scope+chat`` (and chat-form rows), ``+prefix``/``+prefix2`` (and 4 / 2 context
 prefixes), ``+margin`` (and ``margin_loss`` 0.1, the shipped preset), ``+6layers`` (blocks on the top 6
 layers), ``+mined``/``+mined08`` (and the stream's wordings of each question, melo_runtime/wordings.py;
-``--offset N`` pools the first N prompts first), ``+noise03``/``+noise1`` (and hidden-state noise while
-training). Variants without ``margin`` train with ``margin_loss`` 0, and variants without ``mined``
-without stream wordings, whatever the preset ships. ``--delta-scales`` serves each trained variant
+``--offset N`` pools the first N prompts first), ``+qforms`` (and the question in plain question
+layouts, melo_runtime/augment.py; the shipped preset), ``+noise03``/``+noise1`` (and hidden-state
+noise while training). Variants without ``margin`` train with ``margin_loss`` 0, variants without
+``mined`` without stream wordings and variants without ``qforms`` without question forms, whatever
+the preset ships. ``--delta-scales`` serves each trained variant
 with its deltas scaled, ``--radius-deltas`` with every cluster's radius widened.
 
     python -m bench.generality_study --dataset zsre --n-edits 50
@@ -54,10 +56,13 @@ from melo_runtime.chat import question_of
 from melo_runtime.presets import SCOPE_PRESET, preset_for
 from melo_runtime.edits import Edit
 
-def _scope(chat: bool, prefixes: int = 0, margin: float = 0.0, wordings: tuple[int, float] = (0, 0.8)) -> dict:
+def _scope(
+    chat: bool, prefixes: int = 0, margin: float = 0.0, wordings: tuple[int, float] = (0, 0.8), questions: bool = False
+) -> dict:
     """A scope-key variant; every knob the study varies is set here, not inherited from the preset."""
     return {**SCOPE_PRESET, "train_chat_form": chat, "train_context_prefixes": prefixes, "margin_loss": margin,
-            "train_stream_wordings": wordings[0], "stream_wordings_radius": wordings[1]}
+            "train_stream_wordings": wordings[0], "stream_wordings_radius": wordings[1],
+            "train_question_forms": questions}
 
 
 VARIANTS = {
@@ -81,9 +86,11 @@ VARIANTS = {
     "scope+chat+margin+edit1r1top": {**_scope(chat=True, margin=0.1), "edits_per_block": 1, "rank_per_block": 1},
     "scope+chat+margin+edit5r2": {**_scope(chat=True, margin=0.1), "edits_per_block": 5, "rank_per_block": 2},
     # Also trained on the stream's own wordings of the same question (melo_runtime/wordings.py): up
-    # to 4 / 6 earlier prompts whose masked question is within 0.5 / 0.8 (mined08: now the preset).
+    # to 4 / 6 earlier prompts whose masked question is within 0.5 / 0.8 (mined08: the preset before question forms).
     "scope+chat+margin+mined": _scope(chat=True, margin=0.1, wordings=(4, 0.5)),
     "scope+chat+margin+mined08": _scope(chat=True, margin=0.1, wordings=(6, 0.8)),
+    # And on the question in the plain layouts "Q: ... A:" and "Question: ...\nAnswer:" (now the preset).
+    "scope+chat+margin+mined08+qforms": _scope(chat=True, margin=0.1, wordings=(6, 0.8), questions=True),
     # Trained with Gaussian noise (this fraction of each token's RMS) on the hidden states that enter
     # the first block layer, on every replayed training pass (a reworded question moves them).
     "scope+chat+margin+noise03": _scope(chat=True, margin=0.1),

@@ -6,6 +6,11 @@ config, on
 * the **chat form** (models with a chat template): the question (the prompt without a ``Q: ... A:``
   wrapper) as the user message of the tokenizer's chat template, the target (stripped) as the
   assistant's reply;
+* **question forms**: the question in the plain layouts a raw completion is asked in
+  (:data:`QUESTION_FORMS`), the target as given. A block trained on a cloze ("The capital of
+  Australia is") alone, when a reworded question in another layout is routed to it, often ends the
+  answer at once (an empty reply): on 40 hand-written facts, 0.575 of held-out rewordings were
+  answered, 0.91 with these rows (bench/RESULTS.md, "Question layouts");
 * **context prefixes**: the prompt after a short lead-in that the base model itself wrote from a
   neutral seed word, as ROME and MEMIT do, so the edit holds when the question is not the first
   thing the model reads.
@@ -27,6 +32,8 @@ from melo_runtime.encoding import TextEncoder
 # Seed words for the lead-ins (ROME's choice of neutral sentence starts).
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "So")
 PREFIX_TOKENS = 8
+# Plain question-answer layouts ({q}: the question without its own layout, chat.question_of).
+QUESTION_FORMS = ("Q: {q} A:", "Question: {q}\nAnswer:")
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,9 @@ def expand(
     *,
     chat_form: bool,
     prefixes: Sequence[str],
+    question_forms: bool = False,
 ) -> list[TrainingRow]:
-    """``rows`` (the indexed ones) followed by their chat-form and prefixed variants."""
+    """``rows`` (the indexed ones) followed by their chat-form, question-form and prefixed variants."""
     extra: list[TrainingRow] = []
     # Only a model with a chat template of its own (an instruct model) is asked in chat form; a base
     # model's chats are plain role lines, not worth half of a block's training budget.
@@ -79,6 +87,12 @@ def expand(
         if chat:
             text = render(tokenizer, [{"role": "user", "content": question_of(row.text)}])
             extra.append(TrainingRow(row.edit_id, text, row.target.strip(), indexed=False))
+        if question_forms:
+            question = question_of(row.text)
+            for form in QUESTION_FORMS:
+                text = form.format(q=question)
+                if text != row.text:
+                    extra.append(TrainingRow(row.edit_id, text, row.target, indexed=False))
         for prefix in prefixes:
             extra.append(TrainingRow(row.edit_id, prefix + row.text, row.target, indexed=False))
     return list(rows) + extra

@@ -28,6 +28,7 @@ LATER_FIELD_DEFAULTS: dict[str, Any] = {
     "margin_loss": 0.0,
     "train_stream_wordings": 0,
     "stream_wordings_radius": 0.8,
+    "train_question_forms": False,
 }
 MAX_STREAM_WORDINGS = 16
 
@@ -89,6 +90,10 @@ class MeloConfig:
     # its own subject written in (melo_runtime/wordings.py). 0 (default): none, and no pool is kept.
     train_stream_wordings: int = 0
     stream_wordings_radius: float = 0.8
+    # Generation edits: also train each edit's question in the plain question-answer layouts a raw
+    # completion is asked in ("Q: ... A:", "Question: ...\nAnswer:"), so an edit made as a cloze
+    # ("The capital of Australia is") answers the question asked that way (melo_runtime/augment.py).
+    train_question_forms: bool = False
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)

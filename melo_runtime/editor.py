@@ -221,8 +221,8 @@ class MeloEditor:
         return self._validator.validate(edits, self._db.edit_ids())
 
     def _training_rows(self, rows: list[EditRow], keys: np.ndarray) -> list[augment.TrainingRow]:
-        """The indexed rows, then their chat-form and prefixed variants and the stream's other
-        wordings of their questions (generation editors)."""
+        """The indexed rows, then their chat-form, question-form and prefixed variants and the
+        stream's other wordings of their questions (generation editors)."""
         indexed = [augment.TrainingRow(row.edit_id, row.text, row.target, indexed=True) for row in rows]
         if self._label_ids:
             return indexed
@@ -230,7 +230,13 @@ class MeloEditor:
             self._prefixes = augment.context_prefixes(
                 self.model, self.tokenizer, self._encoder, self.config.train_context_prefixes
             )
-        expanded = augment.expand(indexed, self.tokenizer, chat_form=self.config.train_chat_form, prefixes=self._prefixes)
+        expanded = augment.expand(
+            indexed,
+            self.tokenizer,
+            chat_form=self.config.train_chat_form,
+            prefixes=self._prefixes,
+            question_forms=self.config.train_question_forms,
+        )
         if self._wordings is None:
             return expanded
         return expanded + self._wordings.training_rows(rows, keys, self.config)

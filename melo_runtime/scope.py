@@ -80,21 +80,24 @@ def normalized_subject(subject: str | None) -> str:
 def infer_subject(prompt: str) -> str | None:
     """A best guess at the entity a prompt is about, for edits that name no subject.
 
-    The longest run of capitalized words or numbers (function words such as "of" may join two of
-    them: "University of Cambridge"), not counting a capitalized question word or article at a
-    sentence start. ``None`` when the prompt has no such run: the edit is then matched on meaning
-    alone (documented in docs/generality.md).
+    The longest run of named words -- with a capital letter anywhere ("Danielle", "iPhone") or a
+    digit -- (function words such as "of" may join two of them: "University of Cambridge"), not
+    counting a capitalized question word or article at a sentence start; a possessive ending is
+    not part of the name and ends it ("Tesla's" -> "Tesla"). ``None`` when the prompt has no such
+    run: the edit is then matched on meaning alone (documented in docs/generality.md).
     """
     best: list[str] = []
     for sentence in _sentences(prompt):
         words = _NAME_WORD.findall(sentence)
         run: list[str] = []
         for position, word in enumerate(words + [""]):
-            core = word.strip("'’-.")
-            named = bool(core) and (core[0].isupper() or any(ch.isdigit() for ch in core))
+            core = _name_core(word)
+            named = bool(core) and (any(ch.isupper() for ch in core) or any(ch.isdigit() for ch in core))
             if named and not (position == 0 and core.casefold() in _STARTERS):
                 run.append(core)
-                continue
+                if core == word.strip("'’-."):
+                    continue
+                # else a possessive ended the name ("Tesla's chief executive": the subject is Tesla)
             if run and core.casefold() in _FUNCTION_WORDS and position + 1 < len(words):
                 following = words[position + 1].strip("'’-.")
                 if following and following[0].isupper():
@@ -106,6 +109,16 @@ def infer_subject(prompt: str) -> str | None:
     while best and best[-1].casefold() in _FUNCTION_WORDS:
         best.pop()
     return " ".join(best) if best else None
+
+
+def _name_core(word: str) -> str:
+    """A word as part of a name: without edge punctuation and a possessive ending ("Tesla's" ->
+    "Tesla", "Beatles'" -> "Beatles"), so "Tesla's CEO is" infers the subject a later "the CEO of
+    Tesla" names."""
+    core = word.strip("'’-.")
+    if len(core) > 2 and core[-2] in "'’" and core[-1] in "sS":
+        core = core[:-2]
+    return core
 
 
 def _sentences(text: str) -> list[str]:

@@ -34,6 +34,11 @@ CHAT_TEMPLATE = (
         ("Q: In which year was the University of Cambridge founded? A:", "University of Cambridge"),
         ("Q: Of what series is Luna 1 a part of? A:", "Luna 1"),
         ("What is the capital of France?", "France"),
+        ("Tesla's chief executive officer is", "Tesla"),
+        ("Nintendo's most famous character is", "Nintendo"),
+        ("The Beatles' first album was", "Beatles"),
+        ("The iPhone is made by", "iPhone"),
+        ("Q: Which company sells eBay? A:", "eBay"),
     ],
 )
 def test_subject_is_inferred_as_the_longest_named_run_skipping_question_words(prompt, subject):
@@ -223,6 +228,24 @@ def test_context_prefixes_are_written_by_the_base_model_and_train_extra_rows_tha
     assert expanded[1].text.endswith("<s>assistant: ") and "user: Who founded Zorblax?</s>" in expanded[1].text
     assert expanded[1].target == "Mira"  # the chat reply: the target without its leading space
     assert [r.text for r in expanded[2:]] == [p + rows[0].text for p in prefixes]
+
+
+def test_question_forms_ask_the_edit_in_plain_question_layouts_other_than_its_own():
+    from melo_runtime import augment
+    from melo_runtime.tiny import tiny_model
+
+    _, tokenizer = tiny_model("llama")
+    cloze = [augment.TrainingRow("c", "The capital of Zorblax is", " Mira", indexed=True)]
+    expanded = augment.expand(cloze, tokenizer, chat_form=False, prefixes=[], question_forms=True)
+    assert [(r.text, r.target, r.indexed) for r in expanded[1:]] == [
+        ("Q: The capital of Zorblax is A:", " Mira", False),
+        ("Question: The capital of Zorblax is\nAnswer:", " Mira", False),
+    ]
+    # A prompt already in one of the layouts is not repeated; the other layout asks its question.
+    asked = [augment.TrainingRow("q", "Q: Who founded Zorblax? A:", " Mira", indexed=True)]
+    expanded = augment.expand(asked, tokenizer, chat_form=False, prefixes=[], question_forms=True)
+    assert [r.text for r in expanded] == ["Q: Who founded Zorblax? A:", "Question: Who founded Zorblax?\nAnswer:"]
+    assert augment.expand(asked, tokenizer, chat_form=False, prefixes=[]) == asked  # off by default
 
 
 def test_config_json_leaves_out_later_fields_only_at_their_defaults():
