@@ -230,13 +230,9 @@ class MeloEditor:
             self._prefixes = augment.context_prefixes(
                 self.model, self.tokenizer, self._encoder, self.config.train_context_prefixes
             )
-        expanded = augment.expand(
-            indexed,
-            self.tokenizer,
-            chat_form=self.config.train_chat_form,
-            prefixes=self._prefixes,
-            question_forms=self.config.train_question_forms,
-        )
+        config = self.config
+        expanded = augment.expand(indexed, self.tokenizer, chat_form=config.train_chat_form, prefixes=self._prefixes,
+                                  question_forms=config.train_question_forms)
         if self._wordings is None:
             return expanded
         return expanded + self._wordings.training_rows(rows, keys, self.config)
