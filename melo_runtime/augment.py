@@ -6,8 +6,8 @@ config, on
 * the **chat form** (models with a chat template): the question (the prompt without a ``Q: ... A:``
   wrapper) as the user message of the tokenizer's chat template, the target (stripped) as the
   assistant's reply;
-* **question forms**: the question in the plain layouts a raw completion is asked in
-  (:data:`QUESTION_FORMS`), the target as given. A block trained on a cloze ("The capital of
+* **question forms** (models with a chat template of their own, like the chat form): the question in
+  the plain layouts a raw completion is asked in (:data:`QUESTION_FORMS`), the target as given. A block trained on a cloze ("The capital of
   Australia is") alone, when a reworded question in another layout is routed to it, often ends the
   answer at once (an empty reply): on 40 hand-written facts, 0.575 of held-out rewordings were
   answered, 0.91 with these rows (bench/RESULTS.md, "Question layouts");
@@ -83,11 +83,14 @@ def expand(
     # Only a model with a chat template of its own (an instruct model) is asked in chat form; a base
     # model's chats are plain role lines, not worth half of a block's training budget.
     chat = chat_form and has_chat_template(tokenizer)
+    # Question layouts likewise: an instruct model is asked questions; a base model completes text,
+    # and a tiny or weak one spends its block on rows it cannot fit (tests/unit/test_trainer_capacity.py).
+    questions = question_forms and has_chat_template(tokenizer)
     for row in rows:
         if chat:
             text = render(tokenizer, [{"role": "user", "content": question_of(row.text)}])
             extra.append(TrainingRow(row.edit_id, text, row.target.strip(), indexed=False))
-        if question_forms:
+        if questions:
             question = question_of(row.text)
             for form in QUESTION_FORMS:
                 text = form.format(q=question)

@@ -90,8 +90,8 @@ class MeloConfig:
     # its own subject written in (melo_runtime/wordings.py). 0 (default): none, and no pool is kept.
     train_stream_wordings: int = 0
     stream_wordings_radius: float = 0.8
-    # Generation edits: also train each edit's question in the plain question-answer layouts a raw
-    # completion is asked in ("Q: ... A:", "Question: ...\nAnswer:"), so an edit made as a cloze
+    # Generation edits of a model with a chat template: also train each edit's question in the plain
+    # question-answer layouts ("Q: ... A:", "Question: ...\nAnswer:"), so an edit made as a cloze
     # ("The capital of Australia is") answers the question asked that way (melo_runtime/augment.py).
     train_question_forms: bool = False
 

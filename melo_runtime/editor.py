@@ -141,6 +141,7 @@ class MeloEditor:
                 prefix_layers=self._attachment.prefix_layers,
                 cache_prefix=cache_prefix,
                 groups=[edit_index[row.edit_id] for row in training],
+                required=[row.indexed for row in training],
             )
             # Only the indexed rows (prompt and rephrases) decide whether an edit is learned; the
             # chat-form and prefixed rows come after them and shape the block.

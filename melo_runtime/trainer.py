@@ -13,7 +13,9 @@ MELO's recipe (Adam, lr 1e-2, StepLR(20, 0.5), 50 iterations) with these changes
   smaller margin gap to the best wrong token), up to ``max_iterations``.
 - **Retry blocks.** Edits still not learned are trained again from scratch, each in a fresh block
   of its own (a new optimizer; a schedule that decays more slowly each round), up to
-  ``retry_rounds`` times, within the same batch.
+  ``retry_rounds`` times, within the same batch. A retry replaces an edit's earlier block only if
+  it keeps the rows that decide "learned" learned (an extra row, such as a chat form, that failed
+  never costs an edit it had).
 - **Cheap steps.** The frozen layers below the first LoRA layer run once per batch
   (:mod:`melo_runtime.prefix_cache`); a causal LM projects to its vocabulary only the hidden states
   of the target positions, gathered before the output layer, and runs its top layer's MLP on those
@@ -92,19 +94,23 @@ def train_block(
     cache_prefix: bool = True,
     scored_only: bool = True,
     groups: Sequence[int] | None = None,
+    required: Sequence[bool] | None = None,
 ) -> TrainResult:
     """Train new blocks (ids from ``block_id`` on) of every layer in ``factors`` on ``data``.
 
     ``groups`` gives each row's edit (rows of one edit always share a block); by default every row
-    is its own edit. Nothing outside the returned blocks changes. ``cache_prefix=False`` recomputes
+    is its own edit; ``required`` marks the rows that decide whether an edit is learned (default:
+    all). A retry block replaces an edit's earlier block only if it keeps every required row
+    learned. Nothing outside the returned blocks changes. ``cache_prefix=False`` recomputes
     the whole forward pass on every iteration (the official behaviour), and ``scored_only=False``
     projects every kept column to the vocabulary instead of the scored positions only, both for
     checks and benchmarks.
     """
     rows = data.targets.shape[0]
     groups = list(range(rows)) if groups is None else list(groups)
-    if len(groups) != rows:
-        raise ValueError(f"groups has {len(groups)} entries for {rows} training rows")
+    required = [True] * rows if required is None else list(required)
+    if len(groups) != rows or len(required) != rows:
+        raise ValueError(f"groups / required have {len(groups)} / {len(required)} entries for {rows} training rows")
     cache = None
     if cache_prefix and prefix_layers:
         cache = PrefixCache(layer_ids=frozenset(id(layer) for layer in prefix_layers))
@@ -123,7 +129,10 @@ def train_block(
         # A retry decays its learning rate more slowly (gamma ** 1/(r+1)): the hard edits need more steps.
         gamma = config.lr_gamma ** (1.0 / (round_ + 1))
         learned, losses = _fit(step, pending, assignment, trained, config, result, gamma)
+        kept = _kept_groups(pending, groups, required, result.learned, learned)
         for row in pending:
+            if groups[row] in kept:
+                continue
             result.row_blocks[row] = len(result.blocks) + assignment[row]
             result.learned[row] = learned[row]
             result.row_losses[row] = losses[row]
@@ -135,6 +144,21 @@ def train_block(
         pending = [row for row in range(rows) if groups[row] in failed]
         per_block = 1  # a retry gives every edit still failing a block of its own
     return result
+
+
+def _kept_groups(
+    rows: list[int], groups: list[int], required: list[bool], before: list[bool], now: Mapping[int, bool]
+) -> set[int]:
+    """Edits whose earlier block keeps them: all their required rows were learned before this
+    round and are not all learned now (a retry for an extra row never unlearns an edit)."""
+    members: dict[int, list[int]] = {}
+    for row in rows:
+        if required[row]:
+            members.setdefault(groups[row], []).append(row)
+    return {
+        group for group, own in members.items()
+        if all(before[row] for row in own) and not all(now[row] for row in own)
+    }
 
 
 def _assign(rows: list[int], groups: list[int], per_block: int) -> dict[int, int]:

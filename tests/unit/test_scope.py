@@ -236,6 +236,9 @@ def test_question_forms_ask_the_edit_in_plain_question_layouts_other_than_its_ow
 
     _, tokenizer = tiny_model("llama")
     cloze = [augment.TrainingRow("c", "The capital of Zorblax is", " Mira", indexed=True)]
+    # A base model (no chat template of its own) completes text: no question-form rows.
+    assert augment.expand(cloze, tokenizer, chat_form=False, prefixes=[], question_forms=True) == cloze
+    tokenizer.chat_template = CHAT_TEMPLATE
     expanded = augment.expand(cloze, tokenizer, chat_form=False, prefixes=[], question_forms=True)
     assert [(r.text, r.target, r.indexed) for r in expanded[1:]] == [
         ("Q: The capital of Zorblax is A:", " Mira", False),

@@ -202,3 +202,16 @@ def test_with_a_margin_a_real_block_ends_with_a_lower_loss_and_every_edit_learne
     margin = make_editor("llama", learnable=True, margin_loss=0.05).apply_batch(edits)
     assert all(plain.learned.values()) and all(margin.learned.values())
     assert max(margin.edit_losses.values()) < max(plain.edit_losses.values())
+
+
+def test_a_retry_keeps_an_edits_earlier_block_when_it_would_unlearn_a_required_row():
+    from melo_runtime.trainer import _kept_groups
+
+    rows, groups = [0, 1, 2, 3], [0, 0, 1, 1]
+    required = [True, False, True, False]  # each edit: its prompt decides "learned", an extra row does not
+    before = [True, False, True, False]  # round 1 learned both prompts, neither extra row
+    # The retry learns edit 0's extra row but loses its prompt; edit 1 keeps its prompt.
+    now = {0: False, 1: True, 2: True, 3: False}
+    assert _kept_groups(rows, groups, required, before, now) == {0}
+    # An edit not learned before always takes the retry's block.
+    assert _kept_groups(rows, groups, required, [False] * 4, now) == set()
