@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.generality_study import contains
 from melo_eval.quality import exact_match
 from melo_runtime import Edit, MeloEditor
 from melo_runtime.chat import question_of
@@ -51,10 +52,6 @@ def first_line(text: str) -> str:
     return lines[0].strip() if lines else ""
 
 
-def hit(reply: str, target: str) -> bool:
-    return target.casefold() in reply.casefold()
-
-
 def other_layout(prompt: str) -> str | None:
     """A "Q: ... A:" prompt asked as "Q: ...\\nA:" (None for other prompts)."""
     return f"Q: {question_of(prompt)}\nA:" if prompt.startswith("Q: ") else None
@@ -63,10 +60,11 @@ def other_layout(prompt: str) -> str | None:
 def probes(facts: Sequence[dict]) -> dict[str, list[tuple[int, object]]]:
     """(fact index, input) per kind of question."""
     rephrases = [(k, r) for k, f in enumerate(facts) for r in f["rephrases"]]
+    layouts = [(k, other_layout(r)) for k, r in rephrases]
     return {
         "rewrite": [(k, f["prompt"]) for k, f in enumerate(facts)],
         "rephrase": rephrases,
-        "layout": [(k, other_layout(r)) for k, r in rephrases if other_layout(r)],
+        "layout": [(k, text) for k, text in layouts if text],
         "chat": [(k, [{"role": "user", "content": f["chat"]}]) for k, f in enumerate(facts)],
         "neighbour": [(k, f["neighbour"]) for k, f in enumerate(facts)],
         "same_subject": [(k, f["same_subject"]) for k, f in enumerate(facts)],
@@ -94,9 +92,9 @@ def run_variant(model, tokenizer, facts: list[dict], overrides: dict, base: dict
             misses = [(x, f"{b!r} -> {g!r}") for (_, x), g, b, same in zip(asked, got, base[kind], unchanged) if not same]
         else:
             targets = [facts[k]["target"] for k, _ in asked]
-            row[kind] = sum(map(hit, got, targets)) / len(got)
+            row[kind] = sum(map(contains, got, targets)) / len(got)
             row[f"{kind}_em"] = sum(map(exact_match, got, targets)) / len(got)
-            misses = [(x, f"{g!r}, want {t!r}") for (_, x), g, t in zip(asked, got, targets) if not hit(g, t)]
+            misses = [(x, f"{g!r}, want {t!r}") for (_, x), g, t in zip(asked, got, targets) if not contains(g, t)]
         if show:
             for asked_input, what in misses:
                 print(f"  {kind} miss: {asked_input!r}: {what}")

@@ -7,10 +7,11 @@ config, on
   wrapper) as the user message of the tokenizer's chat template, the target (stripped) as the
   assistant's reply;
 * **question forms** (models with a chat template of their own, like the chat form): the question in
-  the plain layouts a raw completion is asked in (:data:`QUESTION_FORMS`), the target as given. A block trained on a cloze ("The capital of
-  Australia is") alone, when a reworded question in another layout is routed to it, often ends the
-  answer at once (an empty reply): on 40 hand-written facts, 0.575 of held-out rewordings were
-  answered, 0.91 with these rows (bench/RESULTS.md, "Question layouts");
+  the plain layouts a raw completion is asked in (:data:`QUESTION_FORMS`), the target as given. A
+  block trained on a cloze ("The capital of Australia is") alone, when a reworded question in
+  another layout is routed to it, often ends the answer at once (an empty reply): on 40
+  hand-written facts, 0.600 of held-out rewordings were answered, 0.950 with these rows
+  (bench/RESULTS.md, "Question layouts");
 * **context prefixes**: the prompt after a short lead-in that the base model itself wrote from a
   neutral seed word, as ROME and MEMIT do, so the edit holds when the question is not the first
   thing the model reads.

@@ -129,8 +129,8 @@ SCOPE_PRESET = {
     "stream_wordings_radius": 0.8,
     # Also train each edit's question as "Q: ... A:" and "Question: ...\nAnswer:": a block trained on a
     # cloze alone answered a routed question asked in another layout with an empty reply (40 hand-
-    # written facts: held-out rewordings 0.575 -> 0.95, 2x the training time on those cloze edits;
-    # bench/RESULTS.md "Question layouts").
+    # written facts: held-out rewordings 0.600 -> 0.950, 2x the training time on those cloze edits;
+    # models with a chat template only; bench/RESULTS.md "Question layouts").
     "train_question_forms": True,
 }
 

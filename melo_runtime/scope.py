@@ -91,11 +91,12 @@ def infer_subject(prompt: str) -> str | None:
         words = _NAME_WORD.findall(sentence)
         run: list[str] = []
         for position, word in enumerate(words + [""]):
-            core = _name_core(word)
+            plain = word.strip("'’-.")
+            core = _without_possessive(plain)
             named = bool(core) and (any(ch.isupper() for ch in core) or any(ch.isdigit() for ch in core))
             if named and not (position == 0 and core.casefold() in _STARTERS):
                 run.append(core)
-                if core == word.strip("'’-."):
+                if core == plain:
                     continue
                 # else a possessive ended the name ("Tesla's chief executive": the subject is Tesla)
             if run and core.casefold() in _FUNCTION_WORDS and position + 1 < len(words):
@@ -111,14 +112,12 @@ def infer_subject(prompt: str) -> str | None:
     return " ".join(best) if best else None
 
 
-def _name_core(word: str) -> str:
-    """A word as part of a name: without edge punctuation and a possessive ending ("Tesla's" ->
-    "Tesla", "Beatles'" -> "Beatles"), so "Tesla's CEO is" infers the subject a later "the CEO of
-    Tesla" names."""
-    core = word.strip("'’-.")
-    if len(core) > 2 and core[-2] in "'’" and core[-1] in "sS":
-        core = core[:-2]
-    return core
+def _without_possessive(word: str) -> str:
+    """A word (edge punctuation already stripped, so "Beatles'" is "Beatles") without a possessive
+    "'s" ("Tesla's" -> "Tesla"), so "Tesla's CEO is" infers the subject a later "the CEO of Tesla" names."""
+    if len(word) > 2 and word[-2] in "'’" and word[-1] in "sS":
+        return word[:-2]
+    return word
 
 
 def _sentences(text: str) -> list[str]:

@@ -1,6 +1,7 @@
 """bench.handwritten: the data file and the probes built from it (no model)."""
 
-from bench.handwritten import first_line, hit, other_layout, probes, read_facts
+from bench.generality_study import contains
+from bench.handwritten import first_line, other_layout, probes, read_facts
 
 
 def test_every_fact_has_its_held_out_questions_and_no_subject():
@@ -25,4 +26,4 @@ def test_probes_ask_each_fact_in_every_held_out_form():
 
 def test_a_reply_is_scored_on_its_first_line_case_insensitively():
     assert first_line("\n  Mira, of course\nnext") == "Mira, of course"
-    assert hit("the city of mira", "Mira") and not hit("", "Mira")
+    assert contains("the city of mira", "Mira") and not contains("", "Mira")
