@@ -86,6 +86,35 @@ def test_a_batch_mixing_blocks_equals_each_row_alone(make_editor, family):
     assert scores_together == scores_alone
 
 
+def test_a_long_list_runs_in_passes_of_at_most_rows_per_pass_rows_with_each_row_answered_as_alone(
+    make_editor, monkeypatch
+):
+    from melo_runtime import editor as editor_module
+
+    editor = make_editor("gpt2", learnable=True)
+    editor.apply_batch([Edit("a", *FACTS[0]), Edit("b", *FACTS[1])])
+    prompts = [FACTS[0][0], UNRELATED[0], FACTS[1][0], UNRELATED[1], FACTS[0][0]]
+    targets = [FACTS[0][1], " x", FACTS[1][1], " y", FACTS[0][1]]
+    alone = {
+        "score": [editor.score([p], [t])[0] for p, t in zip(prompts, targets)],
+        "perplexity": [editor.perplexity([p], [t])[0] for p, t in zip(prompts, targets)],
+        "generate": [editor.generate([p], max_new_tokens=4)[0] for p in prompts],
+    }
+    sizes: list[int] = []
+    hook = editor.model.register_forward_pre_hook(lambda _m, args, kw: sizes.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    monkeypatch.setattr(editor_module, "ROWS_PER_PASS", 2)
+    try:
+        assert editor.score(prompts, targets) == alone["score"]
+        assert editor.perplexity(prompts, targets) == pytest.approx(alone["perplexity"], rel=1e-5)
+        assert editor.generate(prompts, max_new_tokens=4) == alone["generate"]
+    finally:
+        hook.remove()
+    assert sizes and max(sizes) == 2 and min(sizes) == 1  # 2 + 2 + 1 rows per call
+    with pytest.raises(ValueError, match="targets"):  # mismatched lists still get the method's own error
+        editor.score(prompts, targets[:3])
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_generation_routes_once_from_the_prompt_and_keeps_the_block_for_every_token(make_editor, family):
     editor = make_editor(family, key_source="hidden")
