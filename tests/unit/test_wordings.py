@@ -51,6 +51,12 @@ def test_template_of_cuts_the_subject_out_or_says_none():
     assert template_of("anything", "") is None
 
 
+def _training_rows(editor, edit):
+    """The rows ``apply_batch([edit])`` would train, nothing trained."""
+    rows = editor._validator.validate([edit], editor.db.edit_ids())  # noqa: SLF001
+    return editor._training_rows(rows, editor._edit_keys(rows))  # noqa: SLF001
+
+
 def test_the_editor_trains_on_stream_wordings_keeps_them_in_its_snapshot_and_not_when_off(make_editor):
     from melo_runtime.tiny import tiny_model
 
@@ -58,19 +64,19 @@ def test_the_editor_trains_on_stream_wordings_keeps_them_in_its_snapshot_and_not
     assert editor.config.train_stream_wordings > 0  # the scope preset's default
     editor.apply_batch([Edit(f"e{i}", text, " Hercules", subject=s) for i, (text, s) in enumerate(EARLIER)])
     new = Edit("new", NEW[0], " Hercules", subject=NEW[1])
-    rows = editor._training_rows(editor._validate([new]), editor._edit_keys(editor._validate([new])))  # noqa: SLF001
+    rows = _training_rows(editor, new)
     extra = [r.text for r in rows if not r.indexed and r.text.startswith("Q:")]
     assert extra == ["Q: The star Gliese 638 is part of what constellation? A:"]
     files = editor.export_files()
     assert len(json.loads(files["scope.json"])["wordings"]) == 3
     model, tokenizer = tiny_model("llama")
     loaded = MeloEditor.from_files(files, model, tokenizer)
-    again = loaded._training_rows(loaded._validate([new]), loaded._edit_keys(loaded._validate([new])))  # noqa: SLF001
+    again = _training_rows(loaded, new)
     assert [r.text for r in again] == [r.text for r in rows]
     off = make_editor("llama", index_not_learned=True, iterations=1, max_iterations=1, retry_rounds=0, train_stream_wordings=0)
     off.apply_batch([Edit(f"e{i}", text, " Hercules", subject=s) for i, (text, s) in enumerate(EARLIER)])
     assert "wordings" not in json.loads(off.export_files()["scope.json"])
-    assert all(r.indexed or not r.text.startswith("Q:") for r in off._training_rows(off._validate([new]), off._edit_keys(off._validate([new]))))  # noqa: SLF001
+    assert all(r.indexed or not r.text.startswith("Q:") for r in _training_rows(off, new))
 
 
 def test_config_rejects_out_of_range_stream_wordings(make_editor):
