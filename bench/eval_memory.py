@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             editor.score(prompts, targets)
             seconds = time.perf_counter() - started
-            print(f"{label}: {len(prompts)} rows, peak RSS {peak_mib():.0f} MiB (model loaded: {loaded:.0f}), {seconds:.1f} s")
+            print(f"{label}: {len(prompts)} rows, peak RSS {peak_mib():.0f} MiB "
+                  f"(model loaded: {loaded:.0f}), {seconds:.1f} s")
     finally:
         editor_module.ROWS_PER_PASS = shipped
     return 0

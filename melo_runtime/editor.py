@@ -75,8 +75,9 @@ ROWS_PER_PASS = 32
 def _by_rows(lists: int) -> Callable[[Callable[..., list]], Callable[..., list]]:
     """Run a method whose first ``lists`` arguments are per-row lists at most :data:`ROWS_PER_PASS`
     rows at a time, concatenating the answers. Each row is routed on its own, so only a pass's
-    padding differs from one whole pass; anything that is not a list of rows of one length is passed through whole
-    (the method's own checks name the problem)."""
+    padding differs from one whole pass (and a seeded sampling call draws each pass from the same
+    seed). Anything that is not lists of rows of one length is passed through whole, so the
+    method's own checks name the problem."""
 
     def wrap(method: Callable[..., list]) -> Callable[..., list]:
         @functools.wraps(method)
