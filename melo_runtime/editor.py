@@ -155,7 +155,7 @@ class MeloEditor:
         """
         with self._write_lock:
             started = time.perf_counter()
-            rows = self._validator.validate(edits, self._db.edit_ids())
+            rows = self._validate(edits)
             keys = self._edit_keys(rows)
             training = self._training_rows(rows, keys)
             targets = [self._label_ids[normalize_label(r.target)] if self._label_ids else r.target for r in training]
@@ -237,7 +237,10 @@ class MeloEditor:
         """Raise what ``apply_batch([edit])`` would raise while validating ``edit`` (ValueError, or
         its subclass TokenLimitError); nothing is trained. Cheap: it only tokenizes."""
         with self._write_lock:
-            self._validator.validate([edit], self._db.edit_ids())
+            self._validate([edit])
+
+    def _validate(self, edits: Sequence[Edit]) -> list[EditRow]:
+        return self._validator.validate(edits, self._db.edit_ids())
 
     def retract(self, edit_id: str) -> bool:
         """Remove every key of ``edit_id``: its inputs get the base output again. False if unknown."""
@@ -332,9 +335,7 @@ class MeloEditor:
     @_by_rows(2)
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
         """Teacher-forced accuracy of each target given its prompt (label: 1.0 or 0.0), routed by prompt."""
-        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
-        with torch.no_grad():
-            logits = self._routed_logits(prompts, data)
+        logits, data = self._teacher_forced(prompts, targets)
         _, _, accuracy = loss_and_hits(logits, data.targets)
         return [float(x) for x in accuracy.tolist()]
 
@@ -343,9 +344,8 @@ class MeloEditor:
         """Per row, exp(mean negative log-likelihood of the target tokens), routed by prompt."""
         if self._label_ids:
             raise ValueError("perplexity needs a generate editor; this one classifies")
-        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
-        with torch.no_grad():
-            logits = self._routed_logits(prompts, data).float()
+        logits, data = self._teacher_forced(prompts, targets)
+        logits = logits.float()
         scored = data.targets != IGNORE
         log_probs = torch.log_softmax(logits, -1).gather(-1, data.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         nll = -(log_probs * scored).sum(-1) / scored.sum(-1).clamp(min=1)
@@ -371,8 +371,10 @@ class MeloEditor:
             return torch.from_numpy(self._scope.edit_keys(prompts, subjects))
         return self._keys(prompts).cpu()
 
-    def _routed_logits(self, prompts: list[str], data: TeacherForced) -> torch.Tensor:
-        """Logits of a teacher-forced batch, each row routed by its prompt alone."""
+    @torch.no_grad()
+    def _teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[torch.Tensor, TeacherForced]:
+        """Logits of each target given its prompt, each row routed by its prompt alone, and the batch."""
+        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
         state = CallState(
             key_module=self._attachment.key_module, factors=self._factors, attention_mask=data.batch.key_mask
         )
@@ -382,7 +384,7 @@ class MeloEditor:
         else:
             state.router = self._router(self._db)
         with use_state(state):
-            return self.model(**data.batch.inputs).logits
+            return self.model(**data.batch.inputs).logits, data
 
     # ------------------------------------------------------------------------------------ routing
 
@@ -492,6 +494,4 @@ class MeloEditor:
 
     def teacher_forced_logits(self, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
         """Logits of each target given its prompt, each row routed by its prompt (what :meth:`score` reads)."""
-        prompts, data = teacher_forced_pairs(self._encoder, self._label_ids, prompts, targets)
-        with torch.no_grad():
-            return self._routed_logits(prompts, data)
+        return self._teacher_forced(prompts, targets)[0]

@@ -53,7 +53,7 @@ def test_template_of_cuts_the_subject_out_or_says_none():
 
 def _training_rows(editor, edit):
     """The rows ``apply_batch([edit])`` would train, nothing trained."""
-    rows = editor._validator.validate([edit], editor.db.edit_ids())  # noqa: SLF001
+    rows = editor._validate([edit])  # noqa: SLF001
     return editor._training_rows(rows, editor._edit_keys(rows))  # noqa: SLF001
 
 
