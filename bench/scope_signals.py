@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bench.handwritten import FACTS
-from bench.rephrase_labels import LABELS
+from bench.rephrase_labels import LABELS, read_jsonl
 from bench.scope_study import same_subject_probes
 from melo_eval.datasets import DEFAULT_DATA_DIR, qa_prompt
 from melo_runtime.pretrained import minilm_dir
@@ -66,9 +66,19 @@ def alignment_f1(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * recall * precision / total) if total > 0 else 0.0
 
 
+def unit_distance(cosine: np.ndarray) -> np.ndarray:
+    """L2 distance between unit vectors with cosine ``cosine`` (the vector DB's metric on scope keys)."""
+    return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * cosine))
+
+
+def rephrase_labels() -> dict[str, str]:
+    """The labelled CounterFact rephrases: rephrase text -> ``same`` / ``other`` / ``unclear``."""
+    return {r["rephrase"]: r["label"] for r in read_jsonl(LABELS)}
+
+
 def handwritten_pairs(path: Path = FACTS) -> tuple[list[Pair], list[Pair]]:
     positives, negatives = [], []
-    for fact in map(json.loads, path.read_text().splitlines()):
+    for fact in read_jsonl(path):
         subject = infer_subject(fact["prompt"]) or ""
         positives += [(fact["prompt"], q, subject) for q in [*fact["rephrases"], fact["chat"]]]
         negatives.append((fact["prompt"], fact["same_subject"], subject))
@@ -79,7 +89,7 @@ def dataset_pairs(data_dir: Path) -> dict[str, tuple[list[Pair], list[Pair]]]:
     zsre = json.loads((data_dir / "zsre" / "zsre_mend_train-1k.json").read_text())
     cases = [{"prompt": qa_prompt(r["src"]), "rephrase": qa_prompt(r["rephrase"]), "target": r["answers"][0],
               "subject": r["subject"]} for r in zsre]
-    labels = {r["rephrase"]: r["label"] for r in map(json.loads, LABELS.read_text().splitlines())}
+    labels = rephrase_labels()
     cf = json.loads((data_dir / "counterfact" / "counterfact-edit.json").read_text())[:300]
     labelled = [((r["prompt"], r["rephrase_prompt"], r["subject"]), labels.get(r["rephrase_prompt"])) for r in cf]
     return {
@@ -94,7 +104,7 @@ def distances(encoder: SentenceEncoder, pairs: list[Pair]) -> np.ndarray:
     """The scope key's masked-question distance of each pair."""
     a = encoder.encode([subject_clause(p, s) for p, _, s in pairs])
     b = encoder.encode([subject_clause(q, s) for _, q, s in pairs])
-    return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (a * b).sum(1)))
+    return unit_distance((a * b).sum(1))
 
 
 def content_tokens(encoder: SentenceEncoder, text: str) -> np.ndarray:
@@ -122,15 +132,15 @@ def typed_mining(encoder: SentenceEncoder, data_dir: Path, pool: int, radius: fl
     """Rows of the typed-mining table: CounterFact ``same`` / ``other`` routed per (tau, sigma)."""
     edits = json.loads((data_dir / "counterfact" / "counterfact-edit.json").read_text())[:300]
     earlier = json.loads((data_dir / "counterfact" / "counterfact-train.json").read_text())[:pool]
-    labels = {r["rephrase"]: r["label"] for r in map(json.loads, LABELS.read_text().splitlines())}
+    labels = rephrase_labels()
     label = np.array([labels.get(r["rephrase_prompt"], "") for r in edits])
     question = encoder.encode([subject_clause(r["prompt"], r["subject"]) for r in edits])
     query = encoder.encode([subject_clause(r["rephrase_prompt"], r["subject"]) for r in edits])
     pooled = encoder.encode([subject_clause(r["prompt"], r["subject"]) for r in earlier])
     kind = encoder.encode([r["target_new"] for r in edits]) @ encoder.encode([r["target_new"] for r in earlier]).T
-    own = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (question * query).sum(1)))
-    to_pool = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * question @ pooled.T))
-    query_to_pool = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * query @ pooled.T))
+    own = unit_distance((question * query).sum(1))
+    to_pool = unit_distance(question @ pooled.T)
+    query_to_pool = unit_distance(query @ pooled.T)
     rows = []
     for tau in (0.8, 1.0, 1.2):
         for sigma in (-1.0, 0.5, 0.7):
